@@ -1,0 +1,83 @@
+"""The runtime-owned KV cache: per layer keys, values and filled lengths.
+
+Layer i holds ``k[i], v[i]: (B, Hkv, capacity_i, D)`` and ``lens[i]: (B,) int64`` — the number
+of filled slots per row.  The compiled graph writes new entries at ``[lens_i[b], lens_i[b] + S)``
+and advances ``lens_i`` itself (see ``accelc::cached_attention``).  Lengths may differ per layer
+(token selection and KV compression store fewer entries in some layers) and per row (batches of
+prompts of different lengths).  Rolling back rejected speculative tokens only resets lengths:
+nothing is copied.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from accelc.capture import ModelInfo
+
+
+@dataclass
+class CacheSnapshot:
+    """Saved per-layer lengths, for rollback."""
+
+    lens: list[torch.Tensor]
+
+
+class KVCache:
+    def __init__(self, info: ModelInfo, batch: int, capacity: int, layers: list[int] | None = None):
+        self.info = info
+        self.batch = batch
+        self.layers = list(range(info.n_layers)) if layers is None else list(layers)
+        shape = (batch, info.n_kv_heads, capacity, info.head_dim)
+        self.k = {i: torch.zeros(shape, dtype=info.dtype, device=info.device) for i in self.layers}
+        self.v = {i: torch.zeros(shape, dtype=info.dtype, device=info.device) for i in self.layers}
+        self.lens = {i: torch.zeros(batch, dtype=torch.long, device=info.device) for i in self.layers}
+        self._inputs: dict[str, torch.Tensor] | None = None
+
+    @property
+    def capacity(self) -> int:
+        return min(t.shape[2] for t in self.k.values())
+
+    def inputs(self) -> dict[str, torch.Tensor]:
+        """The graph inputs ``k_cache_i, v_cache_i, cache_len_i`` for every layer."""
+        if self._inputs is None:
+            d: dict[str, torch.Tensor] = {}
+            for i in self.layers:
+                d[f"k_cache_{i}"] = self.k[i]
+                d[f"v_cache_{i}"] = self.v[i]
+                d[f"cache_len_{i}"] = self.lens[i]
+            self._inputs = d
+        return self._inputs
+
+    def max_len(self) -> int:
+        return max(int(t.max()) for t in self.lens.values())
+
+    def ensure(self, extra: int) -> None:
+        """Make room for ``extra`` more slots in every row of every layer (grows geometrically)."""
+        for i in self.layers:
+            need = int(self.lens[i].max()) + extra
+            cap = self.k[i].shape[2]
+            if need > cap:
+                new_cap = max(need, 2 * cap)
+                for store in (self.k, self.v):
+                    old = store[i]
+                    t = old.new_zeros((old.shape[0], old.shape[1], new_cap, old.shape[3]))
+                    t[:, :, :cap].copy_(old)
+                    store[i] = t
+                self._inputs = None
+
+    def snapshot(self) -> CacheSnapshot:
+        return CacheSnapshot([self.lens[i].clone() for i in self.layers])
+
+    def restore(self, snap: CacheSnapshot, keep: torch.Tensor | None = None) -> None:
+        """Reset lengths to ``snap`` (+ ``keep`` (B,) extra entries per row, e.g. accepted tokens)."""
+        for i, saved in zip(self.layers, snap.lens):
+            self.lens[i].copy_(saved if keep is None else saved + keep)
+
+    def nbytes_used(self) -> int:
+        """Bytes of filled KV entries (keys + values), summed over layers and rows."""
+        per_slot = self.info.n_kv_heads * self.info.head_dim * torch.finfo(self.info.dtype).bits // 8 * 2
+        return int(sum(int(l.sum()) for l in self.lens.values()) * per_slot)
+
+    def nbytes_allocated(self) -> int:
+        return int(sum(t.numel() * t.element_size() for s in (self.k, self.v) for t in s.values()))
