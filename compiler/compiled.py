@@ -11,6 +11,7 @@ import torch.fx as fx
 
 from accelc.capture import Captured, ModelInfo, capture
 from accelc.errors import AccelcError
+from accelc.fx_utils import copy_graph_module
 from accelc.pass_manager import PassContext, PassManager, Program, plan_passes
 
 _CAPTURES: "weakref.WeakKeyDictionary[torch.nn.Module, Captured]" = weakref.WeakKeyDictionary()
@@ -22,10 +23,7 @@ def _captured(model: torch.nn.Module) -> tuple[fx.GraphModule, ModelInfo, float,
     if not hit:
         _CAPTURES[model] = capture(model)
     c = _CAPTURES[model]
-    g = fx.Graph()
-    out = g.graph_copy(c.gm.graph, {})
-    g.output(out)
-    return fx.GraphModule(c.gm, g, class_name="AccelcGraph"), c.info, c.seconds, hit
+    return copy_graph_module(c.gm), c.info, c.seconds, hit
 
 
 class CompiledModel:

@@ -96,3 +96,12 @@ def placeholder(gm: fx.GraphModule, name: str) -> fx.Node:
         if n.op == "placeholder" and n.target == name:
             return n
     raise KeyError(name)
+
+
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new GraphModule with a copy of ``gm``'s graph, sharing its parameters and buffers."""
+    g = fx.Graph()
+    out = g.graph_copy(gm.graph, {})
+    g.output(out)
+    g._codegen = gm.graph._codegen
+    return fx.GraphModule(gm, g, class_name=type(gm).__name__)

@@ -67,6 +67,18 @@ class Program:
     meta: dict[str, Any] = field(default_factory=dict)
     history: list[PassResult] = field(default_factory=list)
 
+    def prefill_graph(self) -> fx.GraphModule:
+        """The graph the runtime uses for a fresh prompt (created from ``gm`` on first use).
+
+        Prefill-only rewrites (token selection, KV compression, block-sparse prefill) go here,
+        so decode and speculative verification keep running the main graph untouched.
+        """
+        if "prefill" not in self.graphs:
+            from accelc.fx_utils import copy_graph_module
+
+            self.graphs["prefill"] = copy_graph_module(self.gm)
+        return self.graphs["prefill"]
+
     @property
     def inputs(self) -> list[str]:
         return [n.target for n in self.gm.graph.nodes if n.op == "placeholder"]

@@ -16,7 +16,7 @@ import torch
 
 from accelc.fx_utils import calls
 from accelc.kernels.dispatch import lookup
-from accelc.ops import cached_attention_impl, gather_positions_impl
+from accelc.ops import cached_attention_impl, compress_cache_impl, gather_positions_impl, gather_tokens_impl
 from accelc.pass_manager import Outcome, Pass, PassContext, Program, register_pass
 
 _ATTN = {}
@@ -50,6 +50,8 @@ class Lower(Pass):
         table = {
             torch.ops.accelc.cached_attention.default: cached_attention_triton if use_triton else cached_attention_torch,
             torch.ops.accelc.gather_positions.default: gather_positions_impl,
+            torch.ops.accelc.gather_tokens.default: gather_tokens_impl,
+            torch.ops.accelc.compress_cache.default: compress_cache_impl,
         }
         n = 0
         for gm in (program.gm, *program.graphs.values()):

@@ -54,10 +54,14 @@ class PackLinear(Pass):
 
     def apply(self, program: Program, ctx: PassContext) -> Outcome:
         total, fused = 0, 0
+        shared: dict[tuple[int, ...], torch.Tensor] = {}  # graphs share one packed copy per weight set
         for gm in (program.gm, *program.graphs.values()):
             for i, (x, lins) in enumerate(_linears(gm).items()):
                 ws = [_const(gm, lin.args[1]).detach() for lin in lins]
-                packed = torch.cat(ws, 0).t().contiguous() if len(ws) > 1 else ws[0].t().contiguous()
+                key = tuple((w.data_ptr(), tuple(w.shape)) for w in ws)
+                if key not in shared:
+                    shared[key] = torch.cat(ws, 0).t().contiguous() if len(ws) > 1 else ws[0].t().contiguous()
+                packed = shared[key]
                 name = f"_packed_w{i}"
                 gm.register_buffer(name, packed, persistent=False)
                 first = lins[0]

@@ -23,7 +23,7 @@ aten = torch.ops.aten
 @register_pass
 class SelectLogits(Pass):
     name = "select_logits"
-    stage = "finalize"
+    stage = "cache"
     requires = ("kv_cache",)
     provides = ("logits_selected",)
 

@@ -34,10 +34,6 @@ class KVCache:
         self.lens = {i: torch.zeros(batch, dtype=torch.long, device=info.device) for i in self.layers}
         self._inputs: dict[str, torch.Tensor] | None = None
 
-    @property
-    def capacity(self) -> int:
-        return min(t.shape[2] for t in self.k.values())
-
     def inputs(self) -> dict[str, torch.Tensor]:
         """The graph inputs ``k_cache_i, v_cache_i, cache_len_i`` for every layer."""
         if self._inputs is None:
@@ -64,6 +60,15 @@ class KVCache:
                     t = old.new_zeros((old.shape[0], old.shape[1], new_cap, old.shape[3]))
                     t[:, :, :cap].copy_(old)
                     store[i] = t
+                self._inputs = None
+
+    def trim(self, extra: int) -> None:
+        """Shrink each layer's storage to its filled length + ``extra`` (after a compressing prefill)."""
+        for i in self.layers:
+            need = int(self.lens[i].max()) + extra
+            if need < self.k[i].shape[2]:
+                self.k[i] = self.k[i][:, :, :need].clone()
+                self.v[i] = self.v[i][:, :, :need].clone()
                 self._inputs = None
 
     def snapshot(self) -> CacheSnapshot:

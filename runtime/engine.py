@@ -47,6 +47,8 @@ class Engine:
         self.cm = compiled
         self.info = compiled.info
         self.gm = compiled.program.gm
+        # Prefill-only rewrites (token selection, KV compression) live in their own graph.
+        self.prefill_gm = compiled.program.graphs.get("prefill", self.gm)
 
     # ------------------------------------------------------------------ one forward
     def new_cache(self, batch: int, capacity: int) -> KVCache:
@@ -60,10 +62,14 @@ class Engine:
         q_len: torch.Tensor,
         logits_index: torch.Tensor,
         tree_mask: torch.Tensor | None = None,
+        prefill: bool = False,
     ) -> torch.Tensor:
-        """One forward: input_ids/position_ids (B, S), q_len (B,), logits_index (B, n) -> logits (B, n, V)."""
+        """One forward: input_ids/position_ids (B, S), q_len (B,), logits_index (B, n) -> logits (B, n, V).
+
+        ``prefill=True`` runs the prefill graph on an empty cache (prompt-only rewrites apply).
+        """
         cache.ensure(input_ids.shape[1])
-        return self.gm(
+        return (self.prefill_gm if prefill else self.gm)(
             input_ids=input_ids,
             position_ids=position_ids,
             q_len=q_len,
@@ -146,7 +152,9 @@ class Engine:
         t0 = time.perf_counter()
         cache = self.new_cache(B, S + max_new_tokens)
         pos = torch.arange(S, device=dev).expand(B, S)
-        logits = self.step(cache, ids, pos, lens, (lens - 1).unsqueeze(1))
+        logits = self.step(cache, ids, pos, lens, (lens - 1).unsqueeze(1), prefill=True)
+        cache.trim(max_new_tokens)
+        kv_after_prefill = cache.nbytes_used()
         nxt = choose(logits[:, -1], sampling, gen)
         t_first = time.perf_counter()
 
@@ -187,6 +195,7 @@ class Engine:
             "new_tokens": sum(len(o) for o in out),
             "decode_tokens_per_s": round(steps * B / decode_s, 3) if decode_s > 0 and steps else None,
             "kv_cache_bytes": cache.nbytes_used(),
+            "kv_cache_bytes_after_prefill": kv_after_prefill,
         }
         return GenerationResult(texts, out, [len(p) for p in prompts], stats)
 

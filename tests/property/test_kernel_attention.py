@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from accelc.kernels.attention import Q_CHUNK, attention_torch, attention_triton
@@ -115,11 +115,22 @@ def _assert_all_agree(case: Case) -> None:
         torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4, msg=lambda m: f"{impl.__name__}: {m}")
 
 
+def _case(batch: int, kv_heads: int, group: int, head_dim: int, seq: int, kv_len: list[int], tree: bool,
+          garbage: float = float("nan")) -> Case:
+    return Case(batch, kv_heads, group, head_dim, seq, kv_len, max(kv_len) + 11, garbage, tree, 0.2, seq)
+
+
+# Pinned so that every profile crosses query/key blocks and Q_CHUNK with ragged, padded and past rows.
+@example(_case(3, 2, 3, 32, 130, [200, 130, 57], tree=False))
+@example(_case(2, 1, 4, 64, 70, [150, 150], tree=False, garbage=float("inf")))
+@example(_case(2, 2, 2, 16, 1, [129, 64], tree=False, garbage=float("-inf")))
 @given(cases(tree=False))
 def test_causal_triton_equals_torch_equals_dense(case: Case) -> None:
     _assert_all_agree(case)
 
 
+@example(_case(2, 1, 3, 32, 70, [200, 50], tree=True))
+@example(_case(3, 2, 2, 16, 9, [9, 100, 4], tree=True, garbage=1e30))
 @given(cases(tree=True))
 def test_tree_triton_equals_torch_equals_dense(case: Case) -> None:
     _assert_all_agree(case)
