@@ -6,12 +6,17 @@ with a dynamic batch and sequence dimension, then :meth:`ExportedProgram.module`
 removed: the passes and the runtime call the graph positionally/by keyword with plain tensors and
 check shapes themselves.  Each node keeps ``nn_module_stack``, from which :func:`layer_of` reads the
 decoder layer index (``model.layers.N``).
+
+accelc's attention ops are causal over the whole context, so :func:`check_full_attention` refuses
+(before exporting) a model whose layers attend through a sliding window narrower than its context
+(Mistral v0.1, Gemma 3, Qwen2 with ``use_sliding_window``): lifting them would change results.
 """
 from __future__ import annotations
 
 import re
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -88,6 +93,49 @@ def layer_of(node: fx.Node) -> int | None:
     return None
 
 
+def attention_windows(config: Any) -> list[int | None]:
+    """Per decoder layer, the sliding-window size HF applies to it (None: full causal attention).
+
+    Reads ``layer_types`` (``full_attention`` / ``sliding_attention``, as Qwen2 and Gemma 3 set it)
+    and ``sliding_window`` (every layer of Mistral when there are no layer types).  Any other layer
+    type (chunked, bidirectional, ...) is an :class:`AccelcError`.
+    """
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if types is None:
+        return [window] * int(config.num_hidden_layers)
+    out: list[int | None] = []
+    for i, kind in enumerate(types):
+        if kind == "full_attention":
+            out.append(None)
+        elif kind == "sliding_attention":
+            out.append(window)
+        else:
+            raise AccelcError(
+                f"capture {config.model_type}", f"layer {i} has attention type {kind!r}",
+                "accelc supports full_attention layers (and sliding_attention layers whose window covers the context)",
+            )
+    return out
+
+
+def check_full_attention(config: Any) -> None:
+    """Raise :class:`AccelcError` unless every layer attends causally over the whole context.
+
+    A sliding window at least as long as ``max_position_embeddings`` never hides a key from a
+    query, so it counts as full attention.
+    """
+    context = getattr(config, "max_position_embeddings", None)
+    narrow = [(i, w) for i, w in enumerate(attention_windows(config)) if w is not None and (context is None or w < context)]
+    if narrow:
+        layers = ", ".join(str(i) for i, _ in narrow)
+        raise AccelcError(
+            f"capture {config.model_type}",
+            f"layers {layers} use sliding-window attention (window {narrow[0][1]} < context {context})",
+            "accelc's attention ops attend causally over the whole context and would change these layers' results; "
+            "supported are models with full causal attention (sliding_window null or >= max_position_embeddings)",
+        )
+
+
 def _strip_export_plumbing(gm: fx.GraphModule) -> fx.GraphModule:
     """Drop pytree flattening, the guard call and unused placeholders; plain positional codegen."""
     g = gm.graph
@@ -115,9 +163,11 @@ def capture(model: torch.nn.Module, *, example_len: int = 16, max_len: int | Non
     """Export ``model`` (a HF causal LM) to an FX GraphModule of ATen ops.
 
     The graph takes ``input_ids (B, S) int64`` and ``position_ids (B, S) int64`` and returns
-    ``logits (B, S, V)``; B and S are dynamic.  Raises :class:`AccelcError` naming the construct
-    that ``torch.export`` could not handle.
+    ``logits (B, S, V)``; B and S are dynamic.  Raises :class:`AccelcError` for sliding-window
+    attention (:func:`check_full_attention`) and naming the construct that ``torch.export`` could
+    not handle.
     """
+    check_full_attention(model.config)
     info = ModelInfo.from_model(model)
     max_len = max_len or max(info.max_positions, example_len + 1)
     ids = torch.zeros((2, example_len), dtype=torch.long, device=info.device)

@@ -41,6 +41,10 @@ class CompiledModel:
         from accelc.runtime.engine import Engine
 
         self.engine = Engine(self)
+        if spec.decode is not None and spec.decode.speculative is not None:  # speculative decoding loop
+            from accelc.runtime.speculative.loop import SpeculativeEngine
+
+            self.engine = SpeculativeEngine(self)
 
     @property
     def report(self) -> dict[str, Any]:
@@ -108,6 +112,6 @@ def compile_model(model, spec=None, *, dump: str | Path | None = None, device: t
     gm, info, capture_s, cached = _captured(hf)
     program = Program(gm=gm, info=info)
     dev = torch.device(device) if device is not None else info.device
-    ctx = PassContext(spec=spec, model=hf, device=dev, dump_dir=Path(dump) if dump else None)
+    ctx = PassContext(spec=spec, model=hf, tokenizer=tokenizer, device=dev, dump_dir=Path(dump) if dump else None)
     PassManager(passes, ctx, progress=progress).run(program)
     return CompiledModel(program, spec, tokenizer, hf, name, capture_s, cached)

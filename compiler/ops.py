@@ -243,3 +243,148 @@ def compress_cache_impl(q, k_cache, v_cache, cache_len, scale, window, kernel, p
 @compress_cache.register_fake
 def _(q, k_cache, v_cache, cache_len, scale, window, kernel, pooling, keep, budget):
     return None
+
+
+# --------------------------------------------------------------------------------------------
+# Sparse attention: streaming heads, Quest page selection (decode), block-sparse prefill.
+QUEST_MAX_QUERIES = 16  # beyond this many new tokens in one step (prefill), Quest attends densely
+
+
+def _q_heads(kv_heads: Tensor, group: int) -> Tensor:
+    """Query-head indices of the given KV heads: (n,) -> (n * group,)."""
+    return (kv_heads[:, None] * group + torch.arange(group, device=kv_heads.device)).reshape(-1)
+
+
+def update_bounds(k_min: Tensor, k_max: Tensor, k: Tensor, cache_len: Tensor, q_len: Tensor, page: int) -> None:
+    """Fold the real new keys of each row (the first q_len_b of S; right padding excluded) into the
+    Quest page bounds."""
+    update = lookup("quest_update_page_bounds", k.device)
+    S = k.shape[2]
+    if not bool((q_len < S).any()):
+        update(k_min, k_max, k, cache_len, page)
+        return
+    for b, n in enumerate(q_len.tolist()):  # right-padded prefill: once per prompt
+        if n > 0:
+            update(k_min[b : b + 1], k_max[b : b + 1], k[b : b + 1, :, :n], cache_len[b : b + 1], page)
+
+
+def sparse_attention_impl(q, k, v, k_cache, v_cache, cache_len, q_len, scale, tree_mask, k_min, k_max,
+                          sink: int, local: int, stream_heads, page: int, top_pages: int) -> Tensor:
+    """Body of ``accelc::cached_sparse_attention`` (see its docstring)."""
+    write_cache(k_cache, k, cache_len)
+    write_cache(v_cache, v, cache_len)
+    S = q.shape[2]
+    kv_len = cache_len + S
+    dev = k_cache.device
+    if page > 0:
+        update_bounds(k_min, k_max, k, cache_len, q_len, page)
+
+    def dense(qh, kc, vc):
+        if page > 0 and tree_mask is None and S <= QUEST_MAX_QUERIES and int(kv_len.max()) > top_pages * page:
+            kmin, kmax = (k_min, k_max) if kc is k_cache else (k_min[:, kv_idx], k_max[:, kv_idx])
+            idx = lookup("quest_select", dev)(qh, kmin, kmax, kv_len, page, top_pages)
+            return lookup("paged_sparse_attention", dev)(qh, kc, vc, kv_len, idx, page, scale)
+        return lookup("attention", dev)(qh, kc, vc, kv_len, scale, tree_mask)
+
+    def streaming(qh, kc, vc):
+        if tree_mask is not None:
+            raise NotImplementedError("tree-shaped speculative verification over streaming heads")
+        return lookup("streaming_attention", dev)(qh, kc, vc, kv_len, sink, local, scale)
+
+    if sink < 0:
+        out = dense(q, k_cache, v_cache)
+    elif stream_heads is None:
+        out = streaming(q, k_cache, v_cache)
+    else:
+        group = q.shape[1] // k_cache.shape[1]
+        s_idx = stream_heads.nonzero().flatten()
+        kv_idx = (~stream_heads).nonzero().flatten()
+        out = torch.empty_like(q)
+        out[:, _q_heads(s_idx, group)] = streaming(q[:, _q_heads(s_idx, group)], k_cache[:, s_idx], v_cache[:, s_idx])
+        if kv_idx.numel():
+            qd = _q_heads(kv_idx, group)
+            kc, vc = k_cache[:, kv_idx], v_cache[:, kv_idx]
+            out[:, qd] = dense(q[:, qd], kc, vc)
+    cache_len.add_(q_len)
+    return out
+
+
+@torch.library.custom_op("accelc::cached_sparse_attention", mutates_args=("k_cache", "v_cache", "cache_len", "k_min", "k_max"))
+def cached_sparse_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, cache_len: Tensor, q_len: Tensor,
+                            scale: float, tree_mask: Optional[Tensor], k_min: Optional[Tensor], k_max: Optional[Tensor],
+                            sink: int, local: int, stream_heads: Optional[Tensor], page: int, top_pages: int) -> Tensor:
+    """``accelc::cached_attention`` with sparse attention patterns (same cache contract).
+
+    Streaming (StreamingLLM / DuoAttention): with ``sink >= 0`` the KV heads flagged in
+    ``stream_heads (Hkv,) bool`` (all heads when None) see only the first ``sink`` and the last
+    ``local`` slots before each query.  Quest (Tang et al. 2024): with ``page > 0`` the page
+    min/max key bounds ``k_min, k_max (B, Hkv, P, D)`` are updated with the new keys, and a step
+    of at most QUEST_MAX_QUERIES queries attends only to the ``top_pages`` pages with the highest
+    bound on q·k (dense heads only; prefill stays exact).
+    """
+    return sparse_attention_impl(q, k, v, k_cache, v_cache, cache_len, q_len, scale, tree_mask, k_min, k_max,
+                                 sink, local, stream_heads, page, top_pages)
+
+
+@cached_sparse_attention.register_fake
+def _(q, k, v, k_cache, v_cache, cache_len, q_len, scale, tree_mask, k_min, k_max, sink, local, stream_heads, page, top_pages):
+    return torch.empty_like(q)
+
+
+def block_sparse_prefill_impl(q, k, v, k_cache, v_cache, cache_len, q_len, scale, tree_mask,
+                              block: int, top_blocks: int, sink_blocks: int, local_blocks: int,
+                              k_min=None, k_max=None, page: int = 0) -> Tensor:
+    """Body of ``accelc::cached_block_sparse_attention``."""
+    write_cache(k_cache, k, cache_len)
+    write_cache(v_cache, v, cache_len)
+    S = q.shape[2]
+    kv_len = cache_len + S
+    dev = k_cache.device
+    if page > 0:
+        update_bounds(k_min, k_max, k, cache_len, q_len, page)
+
+    def run(qr, kc, vc, n):
+        if tree_mask is not None or qr.shape[2] <= block:
+            return lookup("attention", dev)(qr, kc, vc, n, scale, tree_mask)
+        idx = lookup("block_sparse_select", dev)(qr, kc, n, block, top_blocks, sink_blocks, local_blocks)
+        return lookup("block_sparse_attention", dev)(qr, kc, vc, n, idx, block, scale)
+
+    if tree_mask is None and bool((q_len != S).any()):
+        # Right-padded rows: block statistics must not see padding queries -> each row on its own.
+        out = torch.zeros_like(q)
+        for b, n in enumerate(q_len.tolist()):
+            start = int(cache_len[b])
+            out[b : b + 1, :, :n] = run(q[b : b + 1, :, :n], k_cache[b : b + 1], v_cache[b : b + 1],
+                                        torch.tensor([start + n], device=dev))
+    else:
+        out = run(q, k_cache, v_cache, kv_len)
+    cache_len.add_(q_len)
+    return out
+
+
+@torch.library.custom_op("accelc::cached_block_sparse_attention",
+                         mutates_args=("k_cache", "v_cache", "cache_len", "k_min", "k_max"))
+def cached_block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, cache_len: Tensor,
+                                  q_len: Tensor, scale: float, tree_mask: Optional[Tensor], block: int, top_blocks: int,
+                                  sink_blocks: int, local_blocks: int, k_min: Optional[Tensor] = None,
+                                  k_max: Optional[Tensor] = None, page: int = 0) -> Tensor:
+    """Block-sparse prefill (MInference / LServe): each query block attends to its sink, local and
+    ``top_blocks`` highest-estimated key blocks (mean-pooled q·k); the kernel skips the others.
+    On a Quest layer (``page > 0``) it also folds the new keys into the page bounds."""
+    return block_sparse_prefill_impl(q, k, v, k_cache, v_cache, cache_len, q_len, scale, tree_mask,
+                                     block, top_blocks, sink_blocks, local_blocks, k_min, k_max, page)
+
+
+@cached_block_sparse_attention.register_fake
+def _(q, k, v, k_cache, v_cache, cache_len, q_len, scale, tree_mask, block, top_blocks, sink_blocks, local_blocks,
+      k_min=None, k_max=None, page=0):
+    return torch.empty_like(q)
+
+
+def cached_attention_targets() -> tuple:
+    """Every op (and its lowered forms) that is 'attention against one layer's KV cache'.
+
+    They share the argument prefix ``(q, k, v, k_cache, v_cache, cache_len, q_len, scale, tree_mask)``.
+    """
+    return (torch.ops.accelc.cached_attention.default, torch.ops.accelc.cached_sparse_attention.default,
+            torch.ops.accelc.cached_block_sparse_attention.default)

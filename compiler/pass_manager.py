@@ -90,6 +90,7 @@ class PassContext:
 
     spec: Any
     model: torch.nn.Module | None = None
+    tokenizer: Any = None
     device: torch.device = torch.device("cpu")
     dump_dir: Path | None = None
 

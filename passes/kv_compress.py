@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from accelc.fx_utils import call, calls
+from accelc.ops import cached_attention_targets
 from accelc.pass_manager import Outcome, Pass, PassContext, Program, register_pass
 from accelc.passes.tsp import keep_args
 
@@ -54,7 +55,7 @@ class KVCompress(Pass):
         keeps = dict(zip(layers, layer_keeps(cfg.method, cfg.keep, len(layers))))
         gm = program.prefill_graph()
         n = 0
-        for attn in calls(gm, torch.ops.accelc.cached_attention.default):
+        for attn in calls(gm, *cached_attention_targets()):
             layer = attn.meta.get("accelc_layer")
             if layer not in keeps:
                 continue

@@ -16,7 +16,14 @@ import torch
 
 from accelc.fx_utils import calls
 from accelc.kernels.dispatch import lookup
-from accelc.ops import cached_attention_impl, compress_cache_impl, gather_positions_impl, gather_tokens_impl
+from accelc.ops import (
+    block_sparse_prefill_impl,
+    cached_attention_impl,
+    compress_cache_impl,
+    gather_positions_impl,
+    gather_tokens_impl,
+    sparse_attention_impl,
+)
 from accelc.pass_manager import Outcome, Pass, PassContext, Program, register_pass
 
 _ATTN = {}
@@ -52,6 +59,8 @@ class Lower(Pass):
             torch.ops.accelc.gather_positions.default: gather_positions_impl,
             torch.ops.accelc.gather_tokens.default: gather_tokens_impl,
             torch.ops.accelc.compress_cache.default: compress_cache_impl,
+            torch.ops.accelc.cached_sparse_attention.default: sparse_attention_impl,
+            torch.ops.accelc.cached_block_sparse_attention.default: block_sparse_prefill_impl,
         }
         n = 0
         for gm in (program.gm, *program.graphs.values()):

@@ -26,6 +26,7 @@ from torch.fx.experimental.symbolic_shapes import SymInt
 from accelc.capture import layer_of
 from accelc.errors import AccelcError
 from accelc.fx_utils import call, calls, placeholder
+from accelc.ops import cached_attention_targets
 from accelc.pass_manager import Outcome, Pass, PassContext, Program, register_pass
 
 aten = torch.ops.aten
@@ -45,7 +46,7 @@ def _same_sym(a, b) -> bool:
 
 
 def _attention_of_layer(gm: fx.GraphModule, layer: int) -> fx.Node:
-    for n in calls(gm, torch.ops.accelc.cached_attention.default):
+    for n in calls(gm, *cached_attention_targets()):
         if n.meta.get("accelc_layer") == layer:
             return n
     raise AccelcError("pass tsp", f"no attention found for layer {layer}")

@@ -24,7 +24,8 @@ class CacheSnapshot:
 
 
 class KVCache:
-    def __init__(self, info: ModelInfo, batch: int, capacity: int, layers: list[int] | None = None):
+    def __init__(self, info: ModelInfo, batch: int, capacity: int, layers: list[int] | None = None,
+                 pages: dict[int, int] | None = None, streaming: dict[int, tuple[int, int]] | None = None):
         self.info = info
         self.batch = batch
         self.layers = list(range(info.n_layers)) if layers is None else list(layers)
@@ -32,7 +33,27 @@ class KVCache:
         self.k = {i: torch.zeros(shape, dtype=info.dtype, device=info.device) for i in self.layers}
         self.v = {i: torch.zeros(shape, dtype=info.dtype, device=info.device) for i in self.layers}
         self.lens = {i: torch.zeros(batch, dtype=torch.long, device=info.device) for i in self.layers}
+        # Quest layers: per-page key min/max (B, Hkv, ceil(capacity / page), D), kept up to date by the graph.
+        self.pages = dict(pages or {})
+        self.k_min: dict[int, torch.Tensor] = {}
+        self.k_max: dict[int, torch.Tensor] = {}
+        for i in self.pages:
+            self._alloc_pages(i)
+        # Whole-layer streaming: the cache keeps the first `sink` and the last `local` entries.
+        self.streaming = dict(streaming or {})
         self._inputs: dict[str, torch.Tensor] | None = None
+
+    def _alloc_pages(self, i: int) -> None:
+        page = self.pages[i]
+        B, H, N, D = self.k[i].shape
+        P = -(-N // page)
+        old_min, old_max = self.k_min.get(i), self.k_max.get(i)
+        self.k_min[i] = torch.full((B, H, P, D), float("inf"), device=self.k[i].device)
+        self.k_max[i] = torch.full((B, H, P, D), float("-inf"), device=self.k[i].device)
+        if old_min is not None:
+            keep = min(P, old_min.shape[2])
+            self.k_min[i][:, :, :keep] = old_min[:, :, :keep]
+            self.k_max[i][:, :, :keep] = old_max[:, :, :keep]
 
     def inputs(self) -> dict[str, torch.Tensor]:
         """The graph inputs ``k_cache_i, v_cache_i, cache_len_i`` for every layer."""
@@ -42,6 +63,9 @@ class KVCache:
                 d[f"k_cache_{i}"] = self.k[i]
                 d[f"v_cache_{i}"] = self.v[i]
                 d[f"cache_len_{i}"] = self.lens[i]
+                if i in self.pages:
+                    d[f"k_min_{i}"] = self.k_min[i]
+                    d[f"k_max_{i}"] = self.k_max[i]
             self._inputs = d
         return self._inputs
 
@@ -60,6 +84,8 @@ class KVCache:
                     t = old.new_zeros((old.shape[0], old.shape[1], new_cap, old.shape[3]))
                     t[:, :, :cap].copy_(old)
                     store[i] = t
+                if i in self.pages:
+                    self._alloc_pages(i)
                 self._inputs = None
 
     def trim(self, extra: int) -> None:
@@ -69,7 +95,25 @@ class KVCache:
             if need < self.k[i].shape[2]:
                 self.k[i] = self.k[i][:, :, :need].clone()
                 self.v[i] = self.v[i][:, :, :need].clone()
+                if i in self.pages:
+                    self._alloc_pages(i)
                 self._inputs = None
+
+    def evict(self, slack: int | None = None) -> None:
+        """Streaming layers: once a row holds more than sink + local + slack entries, keep the
+        sink and the last ``local`` (slots stay in position order, so the streaming mask in slot
+        space is the mask in position space).  slack=0 compacts fully (after prefill); the default
+        (= local) amortises the copy to one entry per generated token."""
+        for i, (sink, local) in self.streaming.items():
+            limit = sink + local + (local if slack is None else slack)
+            lens = self.lens[i]
+            if not bool((lens > limit).any()):
+                continue
+            for b in (lens > limit).nonzero().flatten().tolist():
+                n = int(lens[b])
+                for store in (self.k, self.v):
+                    store[i][b, :, sink : sink + local] = store[i][b, :, n - local : n].clone()
+                lens[b] = sink + local
 
     def snapshot(self) -> CacheSnapshot:
         return CacheSnapshot([self.lens[i].clone() for i in self.layers])

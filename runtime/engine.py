@@ -52,7 +52,8 @@ class Engine:
 
     # ------------------------------------------------------------------ one forward
     def new_cache(self, batch: int, capacity: int) -> KVCache:
-        return KVCache(self.info, batch, capacity)
+        meta = self.cm.program.meta
+        return KVCache(self.info, batch, capacity, pages=meta.get("quest"), streaming=meta.get("streaming_evict"))
 
     def step(
         self,
@@ -153,6 +154,7 @@ class Engine:
         cache = self.new_cache(B, S + max_new_tokens)
         pos = torch.arange(S, device=dev).expand(B, S)
         logits = self.step(cache, ids, pos, lens, (lens - 1).unsqueeze(1), prefill=True)
+        cache.evict(slack=0)
         cache.trim(max_new_tokens)
         kv_after_prefill = cache.nbytes_used()
         nxt = choose(logits[:, -1], sampling, gen)
@@ -180,6 +182,7 @@ class Engine:
             if bool(finished.all()) or t == max_new_tokens - 1:
                 break
             logits = self.step(cache, nxt.unsqueeze(1), seen.unsqueeze(1), ones, zeros_idx)
+            cache.evict()
             seen += 1
             steps += 1
             nxt = choose(logits[:, -1], sampling, gen)
