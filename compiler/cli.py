@@ -163,19 +163,23 @@ def generate(
 def bench(
     spec: Path = SPEC_ARG,
     model: str = MODEL_OPT,
-    suite: str = typer.Option("decode", "--suite", "-s", help="decode (more suites come with the features)."),
+    suite: str = typer.Option("decode", "--suite", "-s", help="prefill (TTFT), decode (tokens/s, KV memory), passkey (retrieval accuracy), ppl (perplexity), spec (speculative, when installed)."),
     baseline: Optional[Path] = typer.Option(None, "--baseline", help="Spec to compare against (default: the identity spec)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Directory for <suite>.json, <suite>.md and <suite>.png."),
-    repeats: int = typer.Option(3, "--repeats", help="Interleaved repeats; the median is reported."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Directory for <suite>.json, <suite>.md and the PNG plots."),
+    repeats: int = typer.Option(3, "--repeats", help="Interleaved repeats of timed suites; the median is reported."),
+    settings: Optional[list[str]] = typer.Option(None, "--set", help="A suite setting KEY=VALUE, e.g. lengths=512,1024 or contexts=4096 (repeatable)."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Measure the spec against HF and the baseline side by side in one run."""
-    from accelc.bench import run_bench
+    from accelc.bench import parse_settings, run_bench, suite_settings
 
     if repeats < 1:
         raise AccelcError("--repeats", f"must be >= 1, got {repeats}")
+    kw = parse_settings(settings)
+    if "repeats" in suite_settings(suite):
+        kw.setdefault("repeats", repeats)
     with _Progress(not as_json) as progress:
-        rep = run_bench(spec, model, suite, baseline, out, progress=progress, repeats=repeats)
+        rep = run_bench(spec, model, suite, baseline, out, progress=progress, **kw)
     if as_json:
         _echo_json(rep.to_dict())
     else:
@@ -183,7 +187,108 @@ def bench(
         for n in rep.notes:
             typer.echo(f"- {n}")
         if out:
-            typer.echo(f"written: {out}/{suite}.json, .md, .png")
+            typer.echo(f"written: {out}/{suite}.json, {suite}.md and {', '.join(p.file for p in rep.plots) or 'a plot'}")
+
+
+@app.command()
+def explain(
+    spec: Path = SPEC_ARG,
+    model: str = MODEL_OPT,
+    seq_len: int = typer.Option(2048, "--seq-len", "-n", help="Prompt length N for the prefill prediction."),
+    context: Optional[int] = typer.Option(None, "--context", "-c", help="Cached tokens C for decode and memory (default: --seq-len)."),
+    batch: int = typer.Option(1, "--batch", help="Rows decoded together."),
+    acceptance: Optional[float] = typer.Option(None, "--acceptance", help="Speculative acceptance rate in [0, 1] for the expected speedup."),
+    plain: bool = typer.Option(False, "--plain", help="Formulas as one-line text instead of sympy's pretty print."),
+    as_json: bool = typer.Option(False, "--json", help="Numbers and formulas (as text) as JSON."),
+) -> None:
+    """Predict the spec's speedups with the sympy cost model (model config only, no weights)."""
+    from accelc.cost import Dims, predict
+    from accelc.models import load_config
+    from accelc.spec import load_spec
+
+    s = load_spec(spec)
+    cfg = load_config(model)
+    s.check_model(cfg, source=str(spec))
+    pred = predict(s, None, cfg, seq_len, context, batch=batch, acceptance=acceptance)
+    if as_json:
+        _echo_json({"spec": str(spec), "model": model, "features": s.features(), **pred.to_dict()})
+        return
+    _print_explain(spec, model, s, Dims.from_config(cfg), pred, plain)
+
+
+def _print_explain(spec: Path, model: str, s, dims, pred, plain: bool) -> None:
+    import sympy
+
+    from rich.console import Console
+
+    c = Console(highlight=False)
+    width = c.width if c.is_terminal else 120
+
+    def show(name: str, expr) -> None:
+        if plain:
+            c.print(f"  {name} = {expr}", soft_wrap=True, markup=False)
+        else:
+            c.print(f"  {name} =", markup=False)
+            c.print("    " + sympy.pretty(expr, use_unicode=True, num_columns=width - 4).replace("\n", "\n    "), soft_wrap=True, markup=False)
+
+    c.print(f"[bold]accelc explain {spec} --model {model}[/bold]: L={dims.n_layers}, d={dims.hidden}, H={dims.heads}, "
+            f"H_kv={dims.kv_heads}, D_h={dims.head_dim}, I={dims.intermediate}, V={dims.vocab}, e={dims.dtype_bytes} bytes")
+    c.print(f"features: {', '.join(s.features()) or 'none (identity)'}")
+    c.print("\n[bold]Cost model[/bold] (symbols: N prompt tokens, C cached tokens, B batch, e bytes per element)")
+    for name, expr in pred.symbolic.items():
+        show(name, expr)
+    c.print("\n[bold]With this model's dimensions[/bold]")
+    for name, expr in pred.formulas.items():
+        show(name, expr)
+    c.print(f"\n[bold]Predicted[/bold] at N={pred.seq_len}, C={pred.context}, B={pred.batch}:")
+    c.print(f"  prefill speedup   {pred.prefill_speedup:.3f}x  (FLOPs {pred.prefill_flops[0]:.3e} -> {pred.prefill_flops[1]:.3e})")
+    c.print(f"  decode speedup    {pred.decode_speedup:.3f}x  (bytes per step {pred.decode_bytes[0]:.3e} -> {pred.decode_bytes[1]:.3e}"
+            + (f", speculative {pred.spec_speedup:.3f}x at alpha={pred.acceptance}, gamma={pred.gamma}, c={pred.draft_cost:.3f})" if pred.spec_speedup else ")"))
+    c.print(f"  KV memory ratio   {pred.kv_memory_ratio:.4f}   ({pred.kv_bytes[0] / 2**20:.2f} MiB -> {pred.kv_bytes[1] / 2**20:.2f} MiB)")
+    if pred.ideal:
+        c.print(f"  TSP alone, ideal  {pred.ideal['tsp_speedup_ideal']:.3f}x exact FLOP ratio, {pred.ideal['tsp_speedup_linear']:.3f}x linear limit 1/(l'/L + (1-l'/L)r)")
+    for a in pred.assumptions:
+        c.print(f"  [dim]assumes: {a}[/dim]")
+
+
+@app.command()
+def check(
+    spec: Path = SPEC_ARG,
+    model: str = MODEL_OPT,
+    baseline: Optional[Path] = typer.Option(None, "--baseline", help="Spec to compare against (default: the identity spec)."),
+    junit: Optional[Path] = typer.Option(None, "--junit", help="Write the verdicts as JUnit XML to this file."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write each suite's JSON, markdown and plots here."),
+    settings: Optional[list[str]] = typer.Option(None, "--set", help="Override a CI setting SUITE.KEY=VALUE, e.g. prefill.repeats=5 (repeatable)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the verdicts as JSON."),
+) -> None:
+    """Run the spec's checks: exit 0 when all hold, 1 when some fail, 2 for bad input."""
+    from accelc.check import junit_xml, parse_overrides, run_checks, table
+
+    overrides = parse_overrides(settings)
+    with _Progress(not as_json) as progress:
+        run = run_checks(spec, model, baseline_path=baseline, overrides=overrides, out_dir=out, progress=progress)
+    if junit is not None:
+        junit.parent.mkdir(parents=True, exist_ok=True)
+        junit.write_text(junit_xml(run))
+    if as_json:
+        _echo_json(run.to_dict())
+    else:
+        from rich.console import Console
+
+        c = Console()
+        c.print(table(run))
+        failed = sum(not r.passed for r in run.results)
+        c.print(f"{len(run.results) - failed}/{len(run.results)} checks hold" + (f"; JUnit XML: {junit}" if junit else ""))
+    raise typer.Exit(run.exit_code)
+
+
+@app.command()
+def report(directory: Path = typer.Argument(..., help="A directory written by `accelc bench --out` or `accelc check --out`.")) -> None:
+    """Re-render the markdown tables and PNG plots from the bench JSON files in DIRECTORY."""
+    from accelc.bench import render_dir
+
+    for p in render_dir(directory):
+        typer.echo(f"written: {p}")
 
 
 def _read_prompts(prompt: Optional[list[str]], prompt_file: Optional[Path]) -> list[str]:

@@ -125,17 +125,17 @@ def _(hidden, index):
 
 # --------------------------------------------------------------------------------------------
 # Token selection (FastKV TSP) and KV-cache compression (SnapKV / PyramidKV).
-def kept_count(n: Tensor, keep: float, budget: int, window: int) -> Tensor:
+def kept_count(n: Tensor, keep: float, budget: int, window: int, ref: Tensor | None = None) -> Tensor:
     """How many of a row's ``n`` tokens to keep: (B,) int64.
 
-    ``budget > 0``: keep ``budget`` tokens (window included); else the fraction ``keep`` of them
-    (rounded up).  Never fewer than the window (or ``n`` if shorter), never more than ``n``, so
-    ``keep=1.0`` or a budget >= n keeps everything.
+    ``budget > 0``: keep ``budget`` tokens (window included); else the fraction ``keep`` of ``ref``
+    (default ``n``; the prompt length for KV compression), rounded up.  Never fewer than the window
+    (or ``n`` if shorter), never more than ``n``, so ``keep=1.0`` or a budget >= n keeps everything.
     """
     if budget > 0:
         c = torch.full_like(n, budget)
     else:
-        c = torch.ceil(n.to(torch.float64) * keep).to(torch.long)
+        c = torch.ceil((n if ref is None else ref).to(torch.float64) * keep).to(torch.long)
     return torch.minimum(torch.maximum(c, n.clamp(max=window)), n)
 
 
@@ -212,21 +212,22 @@ def _(idx, count, index):
 
 
 @torch.library.custom_op("accelc::compress_cache", mutates_args=("k_cache", "v_cache", "cache_len"))
-def compress_cache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_len: Tensor, scale: float, window: int,
-                   kernel: int, pooling: str, keep: float, budget: int) -> None:
+def compress_cache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_len: Tensor, prompt_len: Tensor, scale: float,
+                   window: int, kernel: int, pooling: str, keep: float, budget: int) -> None:
     """SnapKV / PyramidKV: keep, per KV head, the top-scored prompt entries (+ the window).
 
     Runs right after a fresh prefill wrote this layer's cache (slots [0, cache_len_b)).  Scores
     come from the last ``window`` queries (GQA: summed over each KV group's query heads, never
     expanding the cache); each KV head keeps its own ``count_b`` best entries in position order,
-    compacted to slots [0, count_b); ``cache_len`` becomes ``count``.
+    compacted to slots [0, count_b); ``cache_len`` becomes ``count``.  A fraction ``keep`` is of
+    ``prompt_len`` (B,), so layers after token selection keep the same share of the prompt.
     """
-    compress_cache_impl(q, k_cache, v_cache, cache_len, scale, window, kernel, pooling, keep, budget)
+    compress_cache_impl(q, k_cache, v_cache, cache_len, prompt_len, scale, window, kernel, pooling, keep, budget)
 
 
-def compress_cache_impl(q, k_cache, v_cache, cache_len, scale, window, kernel, pooling, keep, budget) -> None:
+def compress_cache_impl(q, k_cache, v_cache, cache_len, prompt_len, scale, window, kernel, pooling, keep, budget) -> None:
     n = cache_len.clone()
-    count = kept_count(n, keep, budget, window)
+    count = kept_count(n, keep, budget, window, ref=prompt_len)
     if bool((count == n).all()):
         return
     scores = token_scores(q, k_cache, n, scale, window, kernel, pooling)
@@ -241,7 +242,7 @@ def compress_cache_impl(q, k_cache, v_cache, cache_len, scale, window, kernel, p
 
 
 @compress_cache.register_fake
-def _(q, k_cache, v_cache, cache_len, scale, window, kernel, pooling, keep, budget):
+def _(q, k_cache, v_cache, cache_len, prompt_len, scale, window, kernel, pooling, keep, budget):
     return None
 
 

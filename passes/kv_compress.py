@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from accelc.fx_utils import call, calls
+from accelc.fx_utils import call, calls, placeholder
 from accelc.ops import cached_attention_targets
 from accelc.pass_manager import Outcome, Pass, PassContext, Program, register_pass
 from accelc.passes.tsp import keep_args
@@ -30,7 +30,9 @@ def layer_keeps(method: str, keep: float | int, n: int) -> list[float | int]:
     """Per-layer keep values for ``n`` compressed layers (in depth order).
 
     snapkv: the same everywhere.  pyramidkv: linear from (2 - 1/beta)·keep down to keep/beta,
-    averaging to ``keep`` (fractions capped at 1; budgets rounded, at least 1).
+    averaging to ``keep``.  Fractions are capped at 1 and the excess is handed to the deeper layers
+    (water-filling), so the average stays ``keep`` and ``keep = 1.0`` keeps everything everywhere.
+    Budgets are rounded (at least 1).
     """
     if method == "snapkv" or n == 1:
         return [keep] * n
@@ -38,7 +40,19 @@ def layer_keeps(method: str, keep: float | int, n: int) -> list[float | int]:
     factors = [top - (top - bottom) * j / (n - 1) for j in range(n)]
     if isinstance(keep, int) and not isinstance(keep, bool):
         return [max(1, int(round(keep * f))) for f in factors]
-    return [min(1.0, keep * f) for f in factors]
+    want = [keep * f for f in factors]
+    capped = [False] * n
+    while True:
+        excess = sum(max(0.0, w - 1.0) for w, c in zip(want, capped) if not c)
+        for j in range(n):
+            if want[j] >= 1.0:
+                want[j], capped[j] = 1.0, True
+        free = [j for j in range(n) if not capped[j]]
+        if excess <= 1e-12 or not free:
+            return want
+        total = sum(want[j] for j in free)
+        for j in free:
+            want[j] += excess * want[j] / total
 
 
 @register_pass
@@ -54,6 +68,10 @@ class KVCompress(Pass):
         layers = cfg.layers.resolve(info.n_layers, where="kv_cache.compression.layers")
         keeps = dict(zip(layers, layer_keeps(cfg.method, cfg.keep, len(layers))))
         gm = program.prefill_graph()
+        # Budgets are relative to the prompt (as FastKV's), also in layers that token selection
+        # thinned out: a copy of q_len that token selection does not rewire.
+        with gm.graph.inserting_after(placeholder(gm, "q_len")):
+            prompt_len = call(gm, torch.ops.aten.clone.default, (placeholder(gm, "q_len"),))
         n = 0
         for attn in calls(gm, *cached_attention_targets()):
             layer = attn.meta.get("accelc_layer")
@@ -63,7 +81,7 @@ class KVCompress(Pass):
             fraction, budget = keep_args(keeps[layer])
             with gm.graph.inserting_after(attn):
                 call(gm, torch.ops.accelc.compress_cache.default,
-                     (q, kc, vc, cl, scale, cfg.window, cfg.kernel, cfg.pooling, fraction, budget), like=attn)
+                     (q, kc, vc, cl, prompt_len, scale, cfg.window, cfg.kernel, cfg.pooling, fraction, budget), like=attn)
             n += 1
         program.meta["kv_compress"] = {"method": cfg.method, "keeps": keeps}
         shown = ", ".join(f"{l}:{_fmt(k)}" for l, k in list(keeps.items())[:4]) + (" ..." if len(keeps) > 4 else "")

@@ -122,5 +122,5 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.accelc.gather_positions.default, (torch.randn(B, S, D), torch.tensor([[4], [2]])))
     torch.library.opcheck(torch.ops.accelc.gather_tokens.default, (torch.randn(B, S, D), torch.tensor([[0, 4], [1, 2]])))
     torch.library.opcheck(torch.ops.accelc.compress_cache.default,
-                          (q, torch.randn(B, Hkv, N, D), torch.randn(B, Hkv, N, D), torch.tensor([5, 5]), 0.3, 2, 3, "max", 0.5, 0),
+                          (q, torch.randn(B, Hkv, N, D), torch.randn(B, Hkv, N, D), torch.tensor([5, 5]), torch.tensor([5, 5]), 0.3, 2, 3, "max", 0.5, 0),
                           test_utils=("test_schema", "test_faketensor"))

@@ -89,6 +89,9 @@ def test_layer_keeps_pyramid_schedule_averages_to_keep_and_decreases():
     budgets = layer_keeps("pyramidkv", 256, 30)
     assert abs(sum(budgets) / 30 - 256) < 2 and budgets[0] > budgets[-1]
     assert layer_keeps("snapkv", 0.1, 5) == [0.1] * 5
+    assert layer_keeps("pyramidkv", 1.0, 7) == [1.0] * 7
+    capped = layer_keeps("pyramidkv", 0.8, 10)      # top layers cap at 1, the excess moves deeper
+    assert max(capped) == 1.0 and abs(sum(capped) / 10 - 0.8) < 1e-9
 
 
 @pytest.mark.parametrize("spec", [
@@ -96,8 +99,9 @@ def test_layer_keeps_pyramid_schedule_averages_to_keep_and_decreases():
     _spec(tsp={"layer": 2, "keep": 4096}),
     _spec(comp={"method": "snapkv", "keep": 1.0}),
     _spec(comp={"method": "pyramidkv", "keep": 4096}),
+    _spec(comp={"method": "pyramidkv", "keep": 1.0}),
     _spec(tsp={"layer": 0, "keep": 1.0}, comp={"method": "snapkv", "keep": 4096, "layers": "1-3"}),
-], ids=["tsp-keep1", "tsp-budget", "snapkv-keep1", "pyramid-budget", "both"])
+], ids=["tsp-keep1", "tsp-budget", "snapkv-keep1", "pyramid-budget", "pyramid-keep1", "both"])
 def test_keep_everything_is_identical_to_baseline(tiny, base, spec):
     cm = accelc.compile(tiny, spec)
     assert cm.generate(PROMPTS, max_new_tokens=12).tokens == base.generate(PROMPTS, max_new_tokens=12).tokens
