@@ -14,8 +14,7 @@ import torch  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-# A tiny Llama whose logits are far from uniform (init std 0.2), so greedy tokens are not ties.
-TINY = dict(initializer_range=0.2)
+from _support import TINY  # noqa: E402,F401  (re-exported for fixtures)
 
 
 @pytest.fixture(scope="session")
@@ -45,13 +44,3 @@ def smollm2_compiled(smollm2):
     import accelc
 
     return accelc.compile(smollm2, accelc.load_spec({"accelc": 1}))
-
-
-def hf_greedy(model, ids: list[int], n: int, eos: bool = True) -> list[int]:
-    """HF generate, greedy, the new tokens only."""
-    t = torch.tensor([ids])
-    with torch.inference_mode():
-        kw = {} if eos else {"eos_token_id": None}
-        out = model.generate(t, attention_mask=torch.ones_like(t), max_new_tokens=n, do_sample=False,
-                             pad_token_id=model.config.pad_token_id or 0, **kw)
-    return out[0, len(ids):].tolist()

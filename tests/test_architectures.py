@@ -24,7 +24,7 @@ from transformers import (
 
 import accelc
 from accelc.models import SUPPORTED_ARCHITECTURES
-from conftest import hf_greedy
+from _support import hf_greedy
 
 COMMON = dict(
     vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import hf_greedy
+from _support import hf_greedy
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import accelc
 from accelc.runtime.sampling import SamplingParams
-from conftest import TINY, hf_greedy
+from _support import TINY, hf_greedy
 
 
 def test_prefill_logits_equal_eager(tiny, tiny_compiled):

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 import accelc
 from accelc.errors import AccelcError
-from conftest import TINY
+from _support import TINY
 
 PROMPTS = [list(range(3, 140)), list(range(50, 60)), list(range(100, 250))]
 

@@ -13,7 +13,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 import accelc
 from accelc import ops
 from accelc.passes.kv_compress import layer_keeps
-from conftest import TINY
+from _support import TINY
 
 PROMPTS = [list(range(3, 40)), list(range(50, 60)), [7, 8, 9] * 23]
 
