@@ -1,0 +1,745 @@
+"""The speculative decoding loop: one engine for every drafter, lossless at every temperature.
+
+Each step drafts up to gamma tokens per row after the row's *pending* token (the last emitted
+token, not yet in the KV cache) and verifies them in ONE forward of the target model:
+
+    draft   early exit: gamma steps of the draft graph (first k layers + exit head), each row
+            stopping when the gamma policy says so (``keep_drafting`` on the draft distribution);
+            prompt lookup / token recycling chain: model-free proposals cut by the same policy;
+            token recycling tree (T = 0): a static tree of candidates from the adjacency matrix.
+    verify  forward [pending, d_1..d_g] at positions pos..pos+g (a tree: all nodes, position
+            pos + depth, attention along ``tree_mask``) -> logits at every position;
+            T = 0: greedy matching (:func:`verify_greedy` / :func:`verify_tree_greedy`);
+            T > 0: token-wise (Leviathan et al. 2023) or block verification (Sun et al. 2024)
+            of the sampled drafts against the target distributions.
+    commit  rows keep their accepted drafts plus one extra token (the correction or bonus):
+            rollback resets the per-row cache lengths to the snapshot + kept entries
+            (:meth:`KVCache.restore`, nothing copied); after a tree only the few entries of the
+            accepted path are moved into contiguous slots (:func:`compact_path`).
+
+Rows of a batch accept different lengths; a finished row keeps its cache (it commits nothing).
+At T = 0 every row emits exactly the tokens of plain greedy decoding with the same graph; at
+T > 0 the emitted tokens are distributed as samples of the target (the verifiers' guarantee).
+
+Adaptive draft length: ``gamma: adaptive`` is :class:`~accelc.runtime.speculative.gamma.AdaptiveGamma`
+(draft confidence vs measured cost) for early exit and Token Recycling; for prompt lookup, whose
+drafts carry no distribution, :class:`CalibratedGamma` uses the length of the matched context as
+the confidence (Token Recycling: one bucket) and may draft nothing where drafting does not pay.  Every adaptive choice charges a drafted token its marginal verification cost too
+(:class:`VerifyCost`): on a CPU a forward of 9 tokens costs about 2.2 decode steps, on a GPU about 1.
+What is learned (calibrations, costs, the adjacency matrix) is kept across greedy ``generate``
+calls; a sampled generation starts afresh so that a seed reproduces it.
+
+Adaptive exit layer (``exit_layer: adaptive``; DEL, Zarch et al. 2025, "DEL: Context-Aware
+Dynamic Exit Layer for Efficient Self-Speculative Decoding"): DEL picks the exit layer that
+maximises the expected tokens per unit of time from per-layer acceptance rates.  Our verification
+forward does not expose intermediate layers, so :class:`ExitLayerChooser` estimates each
+candidate's acceptance from the steps drafted with it and explores with an upper confidence
+bound (UCB1, Auer et al. 2002) instead of DEL's shadow acceptance of all layers.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from accelc.runtime.cache import KVCache
+from accelc.runtime.engine import Engine, GenerationResult, _cut_at_stop, _hits_stop
+from accelc.runtime.sampling import SamplingParams, choose, probs_from_logits, sample
+from accelc.runtime.speculative.drafts import PromptLookupDrafter, Proposal, TokenRecyclingDrafter
+from accelc.runtime.speculative.gamma import AdaptiveGamma, GammaPolicy, make_gamma_policy
+from accelc.runtime.speculative.verify import VerifyResult, verify_block, verify_greedy, verify_tokenwise, verify_tree_greedy
+
+__all__ = ["CalibratedGamma", "ExitLayerChooser", "SpecStats", "SpeculativeEngine", "VerifyCost", "compact_path",
+           "suffix_match_length"]
+
+
+# ---------------------------------------------------------------------------------- bookkeeping
+class VerifyCost:
+    """Seconds of a verification forward as a line in its width: t(S) ~= base + per_token * S.
+
+    Fitted by least squares over the last ``window`` forwards, so that a drafted token is charged
+    its marginal verification cost as well as its drafting cost (on a CPU the forward of 9 tokens
+    costs about twice the forward of one; on a GPU about the same).
+    """
+
+    def __init__(self, window: int = 64):
+        self.window = window
+        self.samples: list[tuple[int, float]] = []
+        self._line: tuple[float, float] | None = None
+
+    def observe(self, width: int, seconds: float) -> None:
+        """One verification forward of ``width`` tokens per row took ``seconds``."""
+        self.samples.append((width, seconds))
+        del self.samples[: -self.window]
+        self._line = None
+
+    def line(self) -> tuple[float, float]:
+        """(base, per_token) in seconds; per_token is 0 until two widths were seen (cached until
+        the next observation: the loop asks several times per step)."""
+        if self._line is None:
+            self._line = self._fit()
+        return self._line
+
+    def _fit(self) -> tuple[float, float]:
+        n = len(self.samples)
+        if n == 0:
+            return 0.0, 0.0
+        w_mean = sum(w for w, _ in self.samples) / n
+        t_mean = sum(t for _, t in self.samples) / n
+        var = sum((w - w_mean) ** 2 for w, _ in self.samples)
+        if var == 0:
+            return t_mean, 0.0
+        slope = max(0.0, sum((w - w_mean) * (t - t_mean) for w, t in self.samples) / var)
+        return t_mean - slope * w_mean, slope
+
+
+class ExitLayerChooser:
+    """DEL-style choice of the exit layer among the compiled candidates (module docstring).
+
+    Per layer l: acceptance a_l = (successes + 1) / (trials + 2) counted per verified draft (the
+    accepted drafts and the first rejected one), and the measured draft seconds per token c_l.
+    The chosen layer maximises  E_l / (gamma c_l + v)  with E_l = (1 - a^(gamma+1)) / (1 - a) the
+    expected tokens per step and v the verification seconds, where a is a_l raised by the UCB1
+    bonus sqrt(2 ln N / n_l); an untried layer is tried first (deepest first).
+    """
+
+    def __init__(self, layers: Sequence[int]):
+        self.layers = sorted(layers)
+        self.trials = {k: 0.0 for k in self.layers}
+        self.successes = {k: 0.0 for k in self.layers}
+        self.cost = {k: None for k in self.layers}  # type: dict[int, float | None]
+
+    def choose(self, gamma: int, verify_seconds: float) -> int:
+        """The exit layer for the next step (gamma drafts, verification of ``verify_seconds``)."""
+        untried = [k for k in self.layers if self.cost[k] is None]
+        if untried:
+            return untried[-1]
+        total = sum(self.trials.values()) + 1.0
+        best, best_score = self.layers[0], -1.0
+        for k in self.layers:
+            a = (self.successes[k] + 1.0) / (self.trials[k] + 2.0)
+            a = min(0.999, a + math.sqrt(2.0 * math.log(total) / (self.trials[k] + 1.0)))
+            expected = (1.0 - a ** (gamma + 1)) / (1.0 - a)
+            score = expected / (gamma * float(self.cost[k]) + max(verify_seconds, 1e-9))
+            if score > best_score:
+                best, best_score = k, score
+        return best
+
+    def update(self, layer: int, proposed: torch.Tensor, accepted: torch.Tensor, seconds_per_token: float) -> None:
+        """proposed, accepted: (B,) int64 drafts per row of the step drafted from ``layer``."""
+        rejected = (accepted < proposed).double()
+        self.successes[layer] += float(accepted.sum())
+        self.trials[layer] += float(accepted.sum() + rejected.sum())
+        old = self.cost[layer]
+        self.cost[layer] = seconds_per_token if old is None else 0.8 * old + 0.2 * seconds_per_token
+
+    def acceptance(self) -> dict[int, float | None]:
+        """Observed per-draft acceptance per layer (None for a layer never verified)."""
+        return {k: round(self.successes[k] / self.trials[k], 4) if self.trials[k] else None for k in self.layers}
+
+
+@dataclass
+class SpecStats:
+    """Per-generation statistics of the speculative loop (``GenerationResult.stats["speculative"]``)."""
+
+    draft: str
+    gamma_max: int
+    steps: int = 0
+    row_steps: int = 0
+    accepted: int = 0
+    proposed: int = 0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    reached: list[int] = field(default_factory=list)  # [j]: row-steps that proposed >= j + 1 drafts
+    kept: list[int] = field(default_factory=list)  # [j]: row-steps that kept >= j + 1 drafts
+    gamma_trace: list[int] = field(default_factory=list)
+    exit_trace: list[int] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.reached = [0] * self.gamma_max
+        self.kept = [0] * self.gamma_max
+
+    def record(self, proposed: torch.Tensor, accepted: torch.Tensor, active: torch.Tensor, width: int) -> None:
+        """proposed, accepted: (B,) int64; active: (B,) bool rows that were still generating."""
+        p, a = proposed[active], accepted[active]
+        self.steps += 1
+        self.row_steps += int(active.sum())
+        self.proposed += int(p.sum())
+        self.accepted += int(a.sum())
+        j = torch.arange(1, self.gamma_max + 1)
+        reached = (p[:, None].cpu() >= j).sum(0).tolist()
+        kept = (a[:, None].cpu() >= j).sum(0).tolist()
+        self.reached = [x + y for x, y in zip(self.reached, reached)]
+        self.kept = [x + y for x, y in zip(self.kept, kept)]
+        self.gamma_trace.append(width)
+
+    def to_dict(self) -> dict[str, Any]:
+        per_pos = [round(k / r, 4) if r else None for k, r in zip(self.kept, self.reached)]
+        while per_pos and per_pos[-1] is None:
+            per_pos.pop()
+        rs = max(1, self.row_steps)
+        out = {
+            "draft": self.draft,
+            "steps": self.steps,
+            "accepted_mean": round(self.accepted / rs, 4),
+            "tokens_per_step": round((self.accepted + self.row_steps) / rs, 4),
+            "acceptance_rate": round(self.accepted / self.proposed, 4) if self.proposed else None,
+            "proposed_mean": round(self.proposed / rs, 4),
+            "per_position_acceptance": per_pos,
+            "per_position_counts": {"reached": self.reached, "kept": self.kept},
+            "draft_s": round(self.draft_s, 4),
+            "verify_s": round(self.verify_s, 4),
+            "draft_fraction": round(self.draft_s / (self.draft_s + self.verify_s), 4) if self.draft_s + self.verify_s > 0 else None,
+            "gamma_trace": self.gamma_trace,
+        }
+        if self.exit_trace:
+            out["exit_layer_trace"] = self.exit_trace
+        out.update(self.extra)
+        return out
+
+
+def compact_path(cache: KVCache, base: Sequence[torch.Tensor], path: torch.Tensor) -> None:
+    """Move the KV entries of an accepted tree path into contiguous slots.
+
+    After a tree forward, row b of layer i holds node s at slot ``base[i][b] + s``.  The path's
+    j-th node (root first) moves to slot ``base[i][b] + j``; only these (B, W) entries per layer are
+    read and written.  base: per layer (B,) int64 lengths before the forward (the snapshot);
+    path: (B, W) int64 node indices, -1 after the accepted node (those slots receive junk beyond the
+    committed length).  Sources never precede destinations (BFS order: a node at depth j has index
+    >= j) and all are read before any is written.
+    """
+    width = path.shape[1]
+    src_off = path.clamp(min=0)
+    dst_off = torch.arange(width, device=path.device)
+    if bool((src_off == dst_off).all()):
+        return
+    for layer, start in zip(cache.layers, base):
+        src = start[:, None] + src_off
+        dst = start[:, None] + dst_off
+        for store in (cache.k, cache.v):
+            t = store[layer]
+            index = src[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3])
+            t.scatter_(2, dst[:, None, :, None].expand_as(index), t.gather(2, index))
+
+
+# ---------------------------------------------------------------------------------- row state
+@dataclass
+class _Rows:
+    """What the loop tracks per row.  context: (B, T) prompt + emitted tokens (right-padded),
+    length: (B,) real tokens in context, pending: (B,) last emitted token (not in the cache yet),
+    pos: (B,) its position, finished: (B,) bool."""
+
+    out: list[list[int]]
+    context: torch.Tensor
+    length: torch.Tensor
+    pending: torch.Tensor
+    pos: torch.Tensor
+    finished: torch.Tensor
+    max_new: int
+
+    def budget(self) -> torch.Tensor:
+        """(B,) drafts a row may still propose so that a step emits no more than its remaining
+        tokens (0 for finished rows)."""
+        left = torch.tensor([self.max_new - len(o) for o in self.out], device=self.pos.device)
+        return torch.where(self.finished, 0, (left - 1).clamp(min=0))
+
+
+class CalibratedGamma:
+    """Adaptive gamma for the model-free drafters (``gamma: adaptive`` with prompt lookup or Token
+    Recycling): their drafts carry no distribution, so the confidence of a draft is a bucket --
+    for prompt lookup the length L of the context suffix that matches the text before the copied
+    continuation (SpecKV's idea -- draft less when confidence is low -- with the match length as
+    the confidence; on HumanEval continuations of SmolLM2 the mean number of kept drafts grows from
+    0.6 of 8 at L = 1 to about 7 of 8 at L >= 10), for Token Recycling one bucket (the acceptance
+    of a tree level).
+
+    Per bucket the per-token acceptance a = successes / trials starts at a prior (two
+    pseudo-observations) and counts the kept drafts and the first rejected one of every verified
+    step.  Each row then drafts the g in [0, gamma_max] maximising expected tokens per second,
+    (1 - a^(g+1)) / (1 - a)  /  (base + per_token (g + 1) + extra g),
+    with the verification cost line of :class:`VerifyCost` (``extra``: the cost of the other nodes
+    of a tree level, or of drafting).  g = 0 is allowed: where drafting does not pay (a wide
+    verification on a CPU, a drafter that is rarely right) the loop decodes plainly.
+
+    priors: (K,) prior acceptance per bucket; keys given to the methods are 1..K (clamped).
+    """
+
+    def __init__(self, gamma_max: int, priors: torch.Tensor):
+        self.gamma_max = gamma_max
+        self.trials = torch.full(priors.shape, 2.0, dtype=torch.float64)
+        self.successes = 2.0 * priors.double()
+
+    @classmethod
+    def for_match_length(cls, gamma_max: int, buckets: int = 10) -> "CalibratedGamma":
+        """Buckets L = 1..buckets (longer matches share the last), prior L / (L + 1)."""
+        length = torch.arange(1, buckets + 1, dtype=torch.float64)
+        return cls(gamma_max, length / (length + 1.0))
+
+    @classmethod
+    def single(cls, gamma_max: int, prior: float = 0.5) -> "CalibratedGamma":
+        return cls(gamma_max, torch.tensor([prior]))
+
+    def _bucket(self, keys: torch.Tensor) -> torch.Tensor:
+        return keys.cpu().long().clamp(1, self.trials.numel()) - 1
+
+    def acceptance(self, keys: torch.Tensor) -> torch.Tensor:
+        """(B,) float64 predicted per-token acceptance for rows with bucket keys (B,)."""
+        return (self.successes / self.trials)[self._bucket(keys)]
+
+    def choose(self, keys: torch.Tensor, base: float, per_token: float, extra: float = 0.0) -> torch.Tensor:
+        """(B,) int64 drafts per row (keys (B,) int64; costs in seconds)."""
+        a = self.acceptance(keys).clamp(max=1 - 1e-6)[:, None]
+        g = torch.arange(self.gamma_max + 1, dtype=torch.float64)[None, :]
+        expected = (1 - a ** (g + 1)) / (1 - a)
+        cost = max(base, 1e-9) + per_token * (g + 1) + extra * g
+        return (expected / cost).argmax(dim=1).to(keys.device)
+
+    def update(self, keys: torch.Tensor, proposed: torch.Tensor, accepted: torch.Tensor) -> None:
+        """keys, proposed, accepted: (B,) int64 of the verified step's rows that drafted."""
+        idx = self._bucket(keys)
+        p, a = proposed.cpu().double(), accepted.cpu().double()
+        self.successes.index_add_(0, idx, a)
+        self.trials.index_add_(0, idx, a + (a < p).double())
+
+
+def suffix_match_length(context: torch.Tensor, lengths: torch.Tensor, start: torch.Tensor, cap: int = 16) -> torch.Tensor:
+    """(B,) int64: how many tokens before ``start`` equal the last tokens of the context (the
+    lookup match extended backwards, at most ``cap``); 0 where start < 0 (no match).
+
+    context: (B, T) int64; lengths: (B,) real tokens; start: (B,) index right after the match.
+    """
+    i = torch.arange(cap, device=context.device)[None, :]
+    before = start[:, None] - 1 - i
+    tail = lengths[:, None] - 1 - i
+    same = context.gather(1, before.clamp(min=0)) == context.gather(1, tail.clamp(min=0))
+    ok = same & (before >= 0) & (start[:, None] > 0)
+    return ok.long().cumprod(dim=1).sum(dim=1)
+
+
+@dataclass
+class _Learned:
+    """What the loop learns while generating: the gamma policy's calibration, the exit-layer and
+    lookup acceptance estimates, the Token Recycling adjacency and the verification cost per batch
+    size.  Greedy generations share one across ``generate`` calls (the output does not depend on
+    it); a sampled generation starts from a fresh one so that its seed reproduces it."""
+
+    policy: GammaPolicy
+    chooser: ExitLayerChooser | None
+    calibrated: CalibratedGamma | None
+    recycler: TokenRecyclingDrafter | None
+    costs: dict[int, VerifyCost] = field(default_factory=dict)
+    draft_cost: dict[int, float] = field(default_factory=dict)  # exit layer -> seconds per draft token
+
+
+@dataclass
+class _Run:
+    """Per-generation state shared by the steps of one ``run``."""
+
+    sampling: SamplingParams
+    gen: torch.Generator | None
+    policy: GammaPolicy
+    chooser: ExitLayerChooser | None
+    calibrated: CalibratedGamma | None
+    recycler: TokenRecyclingDrafter | None
+    draft_cost: dict[int, float]
+    stats: SpecStats
+    cost: VerifyCost
+    eos_ids: set[int]
+    stop: Sequence[str]
+    on_token: Callable[[int, int], None] | None
+
+
+# ---------------------------------------------------------------------------------- the engine
+class SpeculativeEngine(Engine):
+    """An :class:`Engine` whose generation loop is speculative (``spec.decode.speculative``).
+
+    ``generate`` (inherited: validation, tokenisation) runs :meth:`run`; ``self.plain`` is a plain
+    :class:`Engine` on the same compiled graph (the reference for losslessness and benchmarks).
+    The Token Recycling adjacency matrix persists across ``generate`` calls, as in the paper.
+    """
+
+    def __init__(self, compiled):
+        super().__init__(compiled)
+        self.sp = compiled.spec.decode.speculative
+        self.plan = compiled.program.meta.get("speculative", {})
+        self.plain = Engine(compiled)
+        self.drafts: dict[int, tuple[Any, list[str]]] = {
+            k: (compiled.program.graphs[name], self.plan["inputs"][name]) for k, name in self.plan.get("graphs", {}).items()
+        }
+        self.lookup = PromptLookupDrafter(self.sp.ngram_max, self.sp.ngram_min) if self.sp.draft == "prompt_lookup" else None
+        self.learned: _Learned | None = None  # shared by greedy generations
+        # streaming heads attend by position windows, not along a tree: Token Recycling then
+        # verifies its rank-0 chain instead of the tree
+        attention = compiled.spec.attention
+        self.tree_verify = not (attention and any(e.method == "streaming" for e in attention.sparse))
+
+    def _fresh_learned(self) -> _Learned:
+        sp = self.sp
+        recycler = None
+        if sp.draft == "token_recycling":
+            recycler = TokenRecyclingDrafter(self.info.vocab_size, successors=min(sp.successors, self.info.vocab_size),
+                                             tree_width=sp.tree_width, depth=sp.gamma_max, device=self.info.device)
+        return _Learned(
+            policy=make_gamma_policy(sp.gamma, sp.gamma_max),
+            chooser=ExitLayerChooser(list(self.drafts)) if len(self.drafts) > 1 else None,
+            calibrated=self._calibrated_gamma(),
+            recycler=recycler,
+        )
+
+    def _calibrated_gamma(self) -> CalibratedGamma | None:
+        if self.sp.gamma != "adaptive" or self.sp.draft == "early_exit":
+            return None
+        if self.lookup is not None:
+            return CalibratedGamma.for_match_length(self.sp.gamma_max)
+        return CalibratedGamma.single(self.sp.gamma_max)
+
+    # ------------------------------------------------------------------ entry points
+    def _generate_ids(self, prompts, max_new_tokens, sampling, stop, eos, on_token) -> GenerationResult:
+        return self.run(prompts, max_new_tokens, sampling, stop, eos, on_token)[0]
+
+    @torch.inference_mode()
+    def run(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        sampling: SamplingParams,
+        stop: Sequence[str] = (),
+        eos: bool = True,
+        on_token: Callable[[int, int], None] | None = None,
+    ) -> tuple[GenerationResult, KVCache]:
+        """Generate from token-id prompts; returns the result and the final KV cache (whose
+        committed entries are those of prompt + emitted tokens minus each row's pending token)."""
+        dev = self.info.device
+        B = len(prompts)
+        if sampling.greedy:
+            self.learned = self.learned or self._fresh_learned()
+            learned = self.learned
+        else:
+            learned = self._fresh_learned()
+        st = _Run(
+            sampling=sampling, gen=sampling.generator(dev) if not sampling.greedy else None, policy=learned.policy,
+            chooser=learned.chooser, calibrated=learned.calibrated, recycler=learned.recycler, draft_cost=learned.draft_cost,
+            stats=SpecStats(self.sp.draft, self.sp.gamma_max), cost=learned.costs.setdefault(B, VerifyCost()),
+            eos_ids=set(self.info.eos_token_ids) if eos else set(), stop=stop, on_token=on_token,
+        )
+        t0 = time.perf_counter()
+        cache, rows, logits = self._prefill(prompts, max_new_tokens, st.recycler)
+        kv_after_prefill = cache.nbytes_used()
+        first = choose(logits[:, -1], sampling, st.gen)
+        t_first = time.perf_counter()
+        self._commit(rows, first[:, None], torch.ones(B, dtype=torch.long, device=dev), st)
+        while not bool(rows.finished.all()):
+            self._step(cache, rows, st)
+        t_end = time.perf_counter()
+
+        decode_s = t_end - t_first
+        after_first = sum(max(0, len(o) - 1) for o in rows.out)
+        stats = st.stats
+        if st.chooser is not None:
+            stats.extra["exit_layer_acceptance"] = st.chooser.acceptance()
+        res_stats = {
+            "batch": B,
+            "ttft_s": round(t_first - t0, 4),
+            "prefill_s": round(t_first - t0, 4),
+            "decode_s": round(decode_s, 4),
+            "new_tokens": sum(len(o) for o in rows.out),
+            "decode_tokens_per_s": round(after_first / decode_s, 3) if decode_s > 0 and after_first else None,
+            "kv_cache_bytes": cache.nbytes_used(),
+            "kv_cache_bytes_after_prefill": kv_after_prefill,
+            "accepted_length": round((stats.accepted + stats.row_steps) / max(1, stats.row_steps), 4),
+            "speculative": stats.to_dict(),
+        }
+        texts = [_cut_at_stop(self.decode(o), stop) for o in rows.out]
+        return GenerationResult(texts, rows.out, [len(p) for p in prompts], res_stats), cache
+
+    # ------------------------------------------------------------------ phases
+    def _prefill(self, prompts: list[list[int]], max_new: int, recycler: TokenRecyclingDrafter | None) -> tuple[KVCache, _Rows, torch.Tensor]:
+        """Prefill every prompt (right-padded batch) as the plain engine does (the prefill graph,
+        then streaming eviction and trimming); returns the cache, the row state and the logits
+        (B, 1, V) at each row's last prompt token."""
+        dev = self.info.device
+        B = len(prompts)
+        lens = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=dev)
+        S = int(lens.max())
+        extra = self.sp.gamma_max + 1 if recycler is None else recycler.parents.shape[0]
+        ctx = torch.full((B, S + max_new + 1), self.info.pad_token_id, dtype=torch.long, device=dev)
+        for b, p in enumerate(prompts):
+            ctx[b, : len(p)] = torch.tensor(p, dtype=torch.long)
+        cache = self.new_cache(B, S + max_new + extra)
+        pos = torch.arange(S, device=dev).expand(B, S)
+        logits = self.step(cache, ctx[:, :S], pos, lens, (lens - 1).unsqueeze(1), prefill=True)
+        cache.evict(slack=0)
+        cache.trim(max_new + extra)
+        if recycler is not None:
+            recycler.observe(ctx.gather(1, (lens - 1)[:, None]), logits)
+        # pending/pos describe the last prompt token until the first token is committed
+        rows = _Rows(out=[[] for _ in range(B)], context=ctx, length=lens.clone(), pending=lens.new_zeros(B),
+                     pos=lens - 1, finished=torch.zeros(B, dtype=torch.bool, device=dev), max_new=max_new)
+        return cache, rows, logits
+
+    def _step(self, cache: KVCache, rows: _Rows, st: _Run) -> None:
+        """One draft + verify + commit step for every row."""
+        budget = rows.budget()
+        active = ~rows.finished
+        gamma = max(0, min(st.policy.next_gamma(), int(budget.max())))
+        t0 = time.perf_counter()
+        layer, keys = None, None
+        tree = st.recycler is not None and st.sampling.greedy and self.tree_verify
+        depth = self._tree_depth(st, gamma, rows.pos.shape[0]) if tree and gamma > 0 else 0
+        if depth > 0:
+            t1 = time.perf_counter()
+            proposed, res_acc, tokens, forward_width = self._tree_step(cache, rows, depth, active, st.recycler)
+            width, keys = depth, torch.ones_like(proposed)
+        else:
+            if self.drafts:
+                layer = self._pick_exit(st)
+                g = gamma if self._early_exit_pays(st, layer) else 0
+                proposal = self._draft_early_exit(cache, rows, g, budget, st, layer)
+            else:  # (a tree the policy cut to depth 0 is a plain step)
+                proposal, keys = self._draft_model_free(rows, 0 if tree else gamma, budget, st)
+            t1 = time.perf_counter()
+            proposed = proposal.lengths
+            res = self._verify_chain(cache, rows, proposal, st, active)
+            res_acc, tokens = res.accepted, res.tokens
+            width = int(proposed.max()) if proposed.numel() else 0
+            forward_width = width + 1
+        t2 = time.perf_counter()
+        self._learn(st, proposed, res_acc, active, layer, keys, width, forward_width, t1 - t0, t2 - t1, depth > 0)
+        self._commit(rows, tokens, res_acc + 1, st)
+        cache.evict()
+
+    def _learn(self, st: _Run, proposed: torch.Tensor, accepted: torch.Tensor, active: torch.Tensor, layer: int | None,
+               keys: torch.Tensor | None, width: int, forward_width: int, draft_s: float, verify_s: float, tree: bool) -> None:
+        """Feed one verified step to the statistics, the cost model and the adaptive policies
+        (keys: the :class:`CalibratedGamma` bucket of each row, None when nothing was drafted)."""
+        st.stats.draft_s += draft_s
+        st.stats.verify_s += verify_s
+        st.cost.observe(forward_width, verify_s)
+        drafted = max(1, width)
+        proposed = torch.where(active, proposed, 0)
+        accepted = torch.where(active, accepted, 0)
+        st.policy.update(proposed, accepted)
+        if isinstance(st.policy, AdaptiveGamma):
+            base, per_token = st.cost.line()
+            nodes = self.sp.tree_width if tree else 1
+            st.policy.observe_cost(draft_s / drafted + per_token * nodes, base + per_token)
+        if st.calibrated is not None and keys is not None:
+            real = active & (keys > 0) & (proposed > 0)
+            st.calibrated.update(keys[real], proposed[real], accepted[real])
+        if layer is not None and width > 0:
+            old = st.draft_cost.get(layer)
+            st.draft_cost[layer] = draft_s / width if old is None else 0.8 * old + 0.2 * draft_s / width
+        if st.chooser is not None and layer is not None:
+            st.chooser.update(layer, proposed, accepted, draft_s / drafted)
+            st.stats.exit_trace.append(layer)
+        st.stats.record(proposed, accepted, active, width)
+
+    # ------------------------------------------------------------------ drafting
+    def _keep_mask(self, policy: GammaPolicy, step: int, probs: torch.Tensor | None, batch: int) -> torch.Tensor:
+        return policy.keep_drafting_batch(step, probs, batch).to(self.info.device)
+
+    def _draft_model_free(self, rows: _Rows, gamma: int, budget: torch.Tensor, st: _Run) -> tuple[Proposal, torch.Tensor | None]:
+        """Prompt lookup, or Token Recycling's rank-0 chain (T > 0), cut per row by the gamma policy.
+
+        Returns the proposal and each row's :class:`CalibratedGamma` bucket (B,): for prompt lookup
+        the suffix match length (0: no match), for Token Recycling 1."""
+        B = rows.pos.shape[0]
+        if gamma == 0:
+            return Proposal(rows.pos.new_zeros(B, 0), rows.pos.new_zeros(B)), None
+        if st.recycler is not None:
+            prop = st.recycler.propose(rows.context, rows.length, gamma)
+            keys = torch.ones_like(rows.length)
+        else:
+            prop = self.lookup.propose(rows.context, rows.length, gamma)
+            # the match behind the proposal, extended backwards (the drafter's own search)
+            start = self.lookup._continuation_start(rows.context, rows.length)
+            keys = suffix_match_length(rows.context, rows.length, start)
+        limit = torch.minimum(prop.lengths, budget)
+        if st.calibrated is not None:
+            base, per_token = st.cost.line()
+            return Proposal(prop.tokens, torch.minimum(limit, st.calibrated.choose(keys, base, per_token))), keys
+        lens = torch.zeros_like(limit)
+        alive = torch.ones(B, dtype=torch.bool, device=limit.device)
+        for step in range(1, gamma + 1):
+            lens += (alive & (step <= limit)).long()
+            alive &= self._keep_mask(st.policy, step, None, B)
+            if not bool((alive & (step < limit)).any()):
+                break
+        return Proposal(prop.tokens, lens, None), keys
+
+    EXPLORE_EVERY = 16
+
+    def _early_exit_pays(self, st: _Run, layer: int) -> bool:
+        """With ``gamma: adaptive``: whether drafting from ``layer`` is expected to beat a plain
+        step, from the measured draft and verification costs and the policy's mean acceptance
+        (:class:`CalibratedGamma` with one bucket).  Every ``EXPLORE_EVERY``-th step drafts anyway
+        so that the estimates keep up; the other policies always draft."""
+        if not isinstance(st.policy, AdaptiveGamma) or layer not in st.draft_cost or st.stats.steps % self.EXPLORE_EVERY == 0:
+            return True
+        base, per_token = st.cost.line()
+        best = CalibratedGamma.single(self.sp.gamma_max, st.policy.mean_acceptance).choose(
+            torch.ones(1, dtype=torch.long), base, per_token, st.draft_cost[layer])
+        return int(best[0]) > 0
+
+    def _pick_exit(self, st: _Run) -> int:
+        if st.chooser is None:
+            return next(iter(self.drafts))
+        base, per_token = st.cost.line()
+        gamma = st.policy.next_gamma()
+        return st.chooser.choose(gamma, base + per_token * (gamma + 1))
+
+    def _draft_early_exit(self, cache: KVCache, rows: _Rows, gamma: int, budget: torch.Tensor, st: _Run, layer: int) -> Proposal:
+        """Up to gamma tokens per row from the draft graph of ``layer`` (its cache entries are
+        rolled back afterwards; verification rewrites them)."""
+        graph, names = self.drafts[layer]
+        sampling, policy = st.sampling, st.policy
+        B = rows.pos.shape[0]
+        dev = rows.pos.device
+        tokens = torch.zeros(B, max(gamma, 0), dtype=torch.long, device=dev)
+        lens = torch.zeros(B, dtype=torch.long, device=dev)
+        probs: list[torch.Tensor] = []
+        alive = budget > 0
+        snap = cache.snapshot()
+        cur = rows.pending
+        ones = torch.ones(B, dtype=torch.long, device=dev)
+        zero_idx = torch.zeros(B, 1, dtype=torch.long, device=dev)
+        wants_probs = isinstance(policy, AdaptiveGamma)
+        used = 0
+        for j in range(gamma):
+            if not bool(alive.any()):
+                break
+            cache.ensure(1)
+            feeds = cache.inputs()
+            logits = graph(input_ids=cur[:, None], position_ids=(rows.pos + j)[:, None], q_len=ones, tree_mask=None,
+                           logits_index=zero_idx, **{n: feeds[n] for n in names if n in feeds})[:, 0]
+            if sampling.greedy:
+                cur = logits.argmax(-1)
+                conf = logits.float().softmax(-1) if wants_probs else None
+            else:
+                q = probs_from_logits(logits, sampling)
+                cur = sample(q, st.gen)
+                probs.append(q)
+                conf = q
+            tokens[:, j] = cur
+            used = j + 1
+            lens += alive.long()
+            alive &= self._keep_mask(policy, j + 1, conf, B) & (lens < budget)
+        cache.restore(snap)
+        q_all = torch.stack(probs, dim=1) if probs else None
+        return Proposal(tokens[:, :used], lens, q_all)
+
+    def _tree_depth(self, st: _Run, gamma: int, batch: int) -> int:
+        """Tree depth for this step, at most gamma and the drafter's depth: with ``gamma:
+        adaptive`` the :class:`CalibratedGamma` choice for one tree level of ``tree_width`` nodes
+        (0 = decode plainly); otherwise the deepest level any row's policy still wants."""
+        assert st.recycler is not None
+        limit = min(gamma, st.recycler.depth)
+        if st.calibrated is not None:
+            base, per_token = st.cost.line()
+            width = min(self.sp.tree_width, st.recycler.successors)
+            best = st.calibrated.choose(torch.ones(1, dtype=torch.long), base, per_token, per_token * (width - 1))
+            return min(limit, int(best[0]))
+        depth = 0
+        alive = torch.ones(batch, dtype=torch.bool)
+        for step in range(1, limit + 1):
+            depth = step
+            alive &= st.policy.keep_drafting_batch(step, None, batch).cpu()
+            if not bool(alive.any()):
+                break
+        return depth
+
+    # ------------------------------------------------------------------ verification
+    def _forward(self, cache: KVCache, ids: torch.Tensor, pos: torch.Tensor, tree_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """All-position logits (B, W, V) of W new tokens per row (cache lengths advance by W)."""
+        B, W = ids.shape
+        index = torch.arange(W, device=ids.device).expand(B, W)
+        q_len = torch.full((B,), W, dtype=torch.long, device=ids.device)
+        return self.step(cache, ids, pos, q_len, index, tree_mask=tree_mask)
+
+    def _verify_chain(self, cache: KVCache, rows: _Rows, proposal: Proposal, st: _Run, active: torch.Tensor) -> VerifyResult:
+        """Verify [pending, drafts] in one forward and roll the cache back to the kept entries."""
+        width = int(proposal.lengths.max()) if proposal.lengths.numel() else 0
+        drafts = proposal.tokens[:, :width]
+        ids = torch.cat([rows.pending[:, None], drafts], dim=1)
+        pos = rows.pos[:, None] + torch.arange(width + 1, device=ids.device)
+        snap = cache.snapshot()
+        logits = self._forward(cache, ids, pos)
+        if st.sampling.greedy:
+            res = verify_greedy(drafts, logits.argmax(-1), proposal.lengths)
+        else:
+            verify = verify_block if self.sp.verify == "block" else verify_tokenwise
+            q = proposal.probs[:, :width] if proposal.probs is not None else None
+            res = verify(drafts, q, probs_from_logits(logits, st.sampling), st.gen, proposal.lengths)
+        cache.restore(snap, torch.where(active, res.accepted + 1, 0))
+        if st.recycler is not None:
+            real = torch.arange(width + 1, device=ids.device)[None, :] <= proposal.lengths[:, None]
+            st.recycler.observe(ids, logits, real)
+        return res
+
+    def _tree_step(self, cache: KVCache, rows: _Rows, depth: int, active: torch.Tensor, recycler: TokenRecyclingDrafter):
+        """Token Recycling at T = 0: verify the candidate tree in one forward, keep the accepted
+        path.  Returns (proposed (B,), accepted (B,), tokens (B, depth + 1), forward width)."""
+        tree = recycler.propose_tree(rows.pending, depth)
+        B = rows.pos.shape[0]
+        mask = tree.tree_mask().to(rows.pos.device).expand(B, -1, -1)
+        pos = rows.pos[:, None] + tree.depth.to(rows.pos.device)[None, :]
+        snap = cache.snapshot()
+        logits = self._forward(cache, tree.tokens, pos, tree_mask=mask)
+        res = verify_tree_greedy(tree, logits.argmax(-1))
+        compact_path(cache, snap.lens, res.path)
+        cache.restore(snap, torch.where(active, res.accepted + 1, 0))
+        recycler.observe(tree.tokens, logits)
+        proposed = torch.full((B,), depth, dtype=torch.long, device=rows.pos.device)
+        return proposed, res.accepted, res.tokens, tree.size
+
+    # ------------------------------------------------------------------ emission
+    def _commit(self, rows: _Rows, tokens: torch.Tensor, counts: torch.Tensor, st: _Run) -> None:
+        """Emit ``tokens[b, :counts[b]]`` for every unfinished row with the plain loop's checks
+        (EOS, stop strings, max_new_tokens, in token order); advance pending and position.
+
+        tokens: (B, W) int64 (-1 padded); counts: (B,) int64 tokens each row would emit.
+        """
+        B, W = tokens.shape
+        dev = tokens.device
+        eos_ids, stop, on_token = st.eos_ids, st.stop, st.on_token
+        j = torch.arange(W, device=dev)
+        left = torch.tensor([rows.max_new - len(o) for o in rows.out], device=dev)
+        n = torch.where(rows.finished, 0, torch.minimum(counts, left))
+        done = (n >= left) & ~rows.finished
+        if eos_ids:
+            is_eos = torch.isin(tokens, torch.tensor(sorted(eos_ids), device=dev)) & (j[None, :] < n[:, None])
+            first = torch.where(is_eos, j[None, :], W).amin(dim=1)
+            done |= first < W
+            n = torch.minimum(n, first + 1)
+        toks, ns = tokens.tolist(), n.tolist()
+        for b, out in enumerate(rows.out):
+            if ns[b] and stop:
+                ns[b], hit = self._until_stop(out, toks[b][: ns[b]], stop)
+                done[b] |= hit
+            else:
+                out.extend(toks[b][: ns[b]])
+            if on_token is not None:
+                for t in toks[b][: ns[b]]:
+                    on_token(b, t)
+        n = torch.tensor(ns, device=dev)
+        index = (rows.length[:, None] + j[None, :]).clamp(max=rows.context.shape[1] - 1)
+        kept = rows.context.gather(1, index)
+        rows.context.scatter_(1, index, torch.where(j[None, :] < n[:, None], tokens.clamp(min=0), kept))
+        rows.length += n
+        rows.pos += n
+        last = tokens.gather(1, (n - 1).clamp(min=0)[:, None]).squeeze(1)
+        rows.pending = torch.where(n > 0, last, rows.pending)
+        rows.finished |= done
+
+    def _until_stop(self, out: list[int], new: list[int], stop: Sequence[str]) -> tuple[int, bool]:
+        """Append ``new`` to ``out`` one token at a time until a stop string appears in the decoded
+        tail (as the plain loop checks); returns (tokens appended, whether a stop string hit)."""
+        for k, t in enumerate(new, start=1):
+            out.append(t)
+            if _hits_stop(self.decode(out[-16:]), stop):
+                return k, True
+        return len(new), False
