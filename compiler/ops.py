@@ -13,6 +13,8 @@ the kernel that fits the device (Triton on CUDA, torch on CPU) with the same sem
   ``[0, cache_len[b] + S)`` (or along ``tree_mask`` among the new tokens), then advances
   ``cache_len[b] += q_len[b]`` (right-padded rows advance by their real length only).
 - ``accelc::gather_positions(hidden, index)``: the rows of the sequence that need logits.
+- ``accelc::linear(x, w, b)``: ``x @ w.T + b`` with ``w`` (N, K) packed by ``pack_linear``;
+  lowered to the native CPU kernel for the few rows of decode/verification (batch invariant).
 """
 from __future__ import annotations
 
@@ -121,6 +123,18 @@ def gather_positions_impl(hidden: Tensor, index: Tensor) -> Tensor:
 @gather_positions.register_fake
 def _(hidden, index):
     return hidden.new_empty((hidden.shape[0], index.shape[1], hidden.shape[2]))
+
+
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("accelc::linear", mutates_args=())
+def linear(x: Tensor, w: Tensor, b: Optional[Tensor] = None) -> Tensor:
+    """x (..., K) @ w (N, K)^T + b (N,) -> (..., N): the packed linear layers (see pack_linear)."""
+    return torch.nn.functional.linear(x, w, b)
+
+
+@linear.register_fake
+def _(x, w, b=None):
+    return x.new_empty((*x.shape[:-1], w.shape[0]))
 
 
 # --------------------------------------------------------------------------------------------

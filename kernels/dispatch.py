@@ -1,9 +1,10 @@
 """The dispatch table: one entry per kernel op, one implementation per backend.
 
 Each kernel file registers its torch reference (``backend="torch"``, runs anywhere) and, where it
-has one, its Triton kernel (``backend="triton"``, CUDA only).  The lowering pass asks
-:func:`lookup` for the implementation that fits the device of the tensors it will see: Triton on
-CUDA when registered and importable, the torch reference otherwise.  Tests call the Triton
+has one, its Triton kernel (``backend="triton"``, CUDA only) or native CPU kernel
+(``backend="native"``, see :mod:`accelc.kernels.linear`).  The lowering pass asks :func:`lookup`
+for the implementation that fits the device of the tensors it will see: Triton on CUDA when
+registered and importable, native on CPU when registered, the torch reference otherwise.  Tests call the Triton
 implementations directly on CPU tensors under ``TRITON_INTERPRET=1``.
 """
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Callable
 
 import torch
 
-BACKENDS = ("torch", "triton")
+BACKENDS = ("torch", "triton", "native")
 _TABLE: dict[str, dict[str, Callable]] = {}
 
 
@@ -52,6 +53,8 @@ def lookup(op: str, device: torch.device | str = "cpu", prefer: str | None = Non
     dev = torch.device(device)
     if dev.type == "cuda" and "triton" in impls and triton_usable():
         return impls["triton"]
+    if dev.type == "cpu" and "native" in impls:
+        return impls["native"]
     return impls["torch"]
 
 

@@ -1,5 +1,8 @@
 """lower: bind every accelc op to the kernel that fits the device (same schema either way).
 
+Linear layers (``accelc::linear``) go to the native CPU kernel on CPU (``F.linear`` for long
+inputs, or where it cannot be built) and to ``F.linear`` elsewhere.
+
 Before::                                         After (CPU)::
     o = accelc.cached_attention(q, k, v, ...)        o = cached_attention_torch(q, k, v, ...)
                                                  After (CUDA)::
@@ -54,7 +57,9 @@ class Lower(Pass):
 
     def apply(self, program: Program, ctx: PassContext) -> Outcome:
         use_triton = ctx.device.type == "cuda" and lookup("attention", ctx.device) is _attention_kernel_safe("triton")
+        linear_impl = lookup("linear", ctx.device)
         table = {
+            torch.ops.accelc.linear.default: linear_impl,
             torch.ops.accelc.cached_attention.default: cached_attention_triton if use_triton else cached_attention_torch,
             torch.ops.accelc.gather_positions.default: gather_positions_impl,
             torch.ops.accelc.gather_tokens.default: gather_tokens_impl,
@@ -69,7 +74,13 @@ class Lower(Pass):
                 n += 1
         backend = "triton" if use_triton else "torch"
         program.meta["backend"] = backend
-        return Outcome(n, (f"{n} op calls bound to {backend} kernels on {ctx.device.type}",))
+        notes = [f"{n} op calls bound to {backend} kernels on {ctx.device.type}"]
+        if linear_impl is not lookup("linear", prefer="torch"):
+            from accelc.kernels.linear import native_status
+
+            program.meta["linear"] = native_status()
+            notes.append(f"linear layers: {program.meta['linear']}")
+        return Outcome(n, tuple(notes))
 
 
 def _attention_kernel_safe(backend: str):

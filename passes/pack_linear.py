@@ -1,19 +1,21 @@
 """pack_linear: weights stored for the matmul the runtime actually runs; sibling linears fused.
 
-Decode multiplies one row by every weight matrix (a GEMV).  On CPU, ``x @ Wt`` with ``Wt`` stored
-(in_features, out_features) contiguous runs ~1.6x faster than ``linear(x, W)`` with the HF layout
-(out, in), and one GEMV over concatenated weights beats three small ones.  This pass:
+Decode multiplies a few rows (one token, or the gamma + 1 tokens of a speculative verification)
+by every weight matrix: the cost is reading the weights once.  One matmul over concatenated weights
+beats three small ones, and ``accelc::linear`` lowers to a native CPU kernel that streams each
+weight once for all rows and gives every row the same result whatever the batch
+(:mod:`accelc.kernels.linear`).  This pass:
 
 Before::                                        After::
-    q = aten.linear(h, Wq)                          qkv = aten.matmul(h, Wqkv_t)      # [Wq;Wk;Wv]^T packed once
+    q = aten.linear(h, Wq)                          qkv = accelc.linear(h, Wqkv)      # [Wq;Wk;Wv] packed once
     k = aten.linear(h, Wk)                          q, k, v = aten.split_with_sizes(qkv, [Nq, Nk, Nv], -1)
     v = aten.linear(h, Wv)
-    o = aten.linear(a, Wo)                          o = aten.matmul(a, Wo_t)
+    o = aten.linear(a, Wo)                          o = accelc.linear(a, Wo)
 
-Linears sharing an input (q/k/v, gate/up) are fused; every constant weight is packed.  Constant
-biases (Qwen2's q/k/v projections) are fused the same way: ``qkv = aten.add(aten.matmul(h, Wqkv_t),
-[bq; bk; bv])``, with zeros for a sibling that has no bias.  The packed weights and biases are
-buffers of the compiled graph module; the eager model is left untouched.
+Linears sharing an input (q/k/v, gate/up) are fused; every constant weight is packed (N, K)
+contiguous.  Constant biases (Qwen2's q/k/v projections) are fused the same way,
+``accelc.linear(h, Wqkv, [bq; bk; bv])`` with zeros for a sibling that has no bias.  The packed
+weights and biases are buffers of the compiled graph module; the eager model is left untouched.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from collections import defaultdict
 import torch
 import torch.fx as fx
 
+import accelc.ops  # noqa: F401  (registers accelc::linear)
 from accelc.fx_utils import call
 from accelc.pass_manager import Outcome, Pass, PassContext, Program, register_pass
 
@@ -84,7 +87,7 @@ class PackLinear(Pass):
                 ws = [_const(gm, lin.args[1]).detach() for lin in lins]
                 key = tuple((w.data_ptr(), tuple(w.shape)) for w in ws)
                 if key not in shared:
-                    shared[key] = torch.cat(ws, 0).t().contiguous() if len(ws) > 1 else ws[0].t().contiguous()
+                    shared[key] = torch.cat(ws, 0) if len(ws) > 1 else ws[0].contiguous()
                 packed = shared[key]
                 bias = _packed_bias(gm, lins, ws)
                 name = f"_packed_w{i}"
@@ -94,10 +97,11 @@ class PackLinear(Pass):
                 first = lins[0]
                 with gm.graph.inserting_before(first):
                     w_node = gm.graph.get_attr(name)
-                    mm = call(gm, aten.matmul.default, (x, w_node), like=first)
+                    b_node = None
                     if bias is not None:
-                        mm = call(gm, aten.add.Tensor, (mm, gm.graph.get_attr(f"_packed_b{i}")), like=first)
+                        b_node = gm.graph.get_attr(f"_packed_b{i}")
                         biased += 1
+                    mm = call(gm, torch.ops.accelc.linear.default, (x, w_node, b_node), like=first)
                     if len(lins) > 1:
                         sizes = [w.shape[0] for w in ws]
                         parts = call(gm, aten.split_with_sizes.default, (mm, sizes, -1), like=first)
@@ -111,7 +115,7 @@ class PackLinear(Pass):
                 total += len(lins)
             gm.graph.eliminate_dead_code()
             gm.delete_all_unused_submodules()
-        return Outcome(total, (f"{total} linears packed as x @ W^T, {fused} of them fused with siblings sharing an input, "
+        return Outcome(total, (f"{total} linears packed as accelc.linear(x, W), {fused} of them fused with siblings sharing an input, "
                                f"{biased} packed groups carry a fused bias",))
 
 
