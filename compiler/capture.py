@@ -7,9 +7,11 @@ removed: the passes and the runtime call the graph positionally/by keyword with 
 check shapes themselves.  Each node keeps ``nn_module_stack``, from which :func:`layer_of` reads the
 decoder layer index (``model.layers.N``).
 
-accelc's attention ops are causal over the whole context, so :func:`check_full_attention` refuses
-(before exporting) a model whose layers attend through a sliding window narrower than its context
-(Mistral v0.1, Gemma 3, Qwen2 with ``use_sliding_window``): lifting them would change results.
+Sliding-window layers (Gemma 3's ``sliding_attention`` layers, Mistral v0.1, Qwen2 with
+``use_sliding_window``) are read from the config into :attr:`ModelInfo.windows`, which
+``lift_attention`` turns into windowed attention ops.  :func:`check_attention` refuses (before
+exporting) the attention variants accelc's ops do not compute: other layer types (chunked,
+bidirectional), attention-logit soft-capping.
 """
 from __future__ import annotations
 
@@ -42,6 +44,13 @@ class ModelInfo:
     device: torch.device
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int = 0
+    windows: tuple[int, ...] = ()
+    """Per decoder layer: its sliding window (query ``p`` sees keys ``p - w < j <= p``), 0 for full
+    causal attention (also when the window covers ``max_positions``); empty means all full."""
+
+    def window(self, layer: int) -> int:
+        """Layer ``layer``'s sliding window, 0 for full causal attention."""
+        return self.windows[layer] if self.windows else 0
 
     @classmethod
     def from_model(cls, model: torch.nn.Module) -> "ModelInfo":
@@ -68,6 +77,7 @@ class ModelInfo:
             device=p.device,
             eos_token_ids=eos_ids,
             pad_token_id=int(pad),
+            windows=tuple(w or 0 for w in attention_windows(cfg)),
         )
 
 
@@ -97,10 +107,14 @@ def attention_windows(config: Any) -> list[int | None]:
     """Per decoder layer, the sliding-window size HF applies to it (None: full causal attention).
 
     Reads ``layer_types`` (``full_attention`` / ``sliding_attention``, as Qwen2 and Gemma 3 set it)
-    and ``sliding_window`` (every layer of Mistral when there are no layer types).  Any other layer
-    type (chunked, bidirectional, ...) is an :class:`AccelcError`.
+    and ``sliding_window`` (every layer of Mistral when there are no layer types).  A window at
+    least as long as ``max_position_embeddings`` never hides a key, so it counts as full attention.
+    Any other layer type (chunked, bidirectional, ...) is an :class:`AccelcError`.
     """
     window = getattr(config, "sliding_window", None)
+    context = getattr(config, "max_position_embeddings", None)
+    if window is not None and context is not None and window >= context:
+        window = None
     types = getattr(config, "layer_types", None)
     if types is None:
         return [window] * int(config.num_hidden_layers)
@@ -113,27 +127,26 @@ def attention_windows(config: Any) -> list[int | None]:
         else:
             raise AccelcError(
                 f"capture {config.model_type}", f"layer {i} has attention type {kind!r}",
-                "accelc supports full_attention layers (and sliding_attention layers whose window covers the context)",
+                "accelc supports full_attention and sliding_attention layers",
             )
     return out
 
 
-def check_full_attention(config: Any) -> None:
-    """Raise :class:`AccelcError` unless every layer attends causally over the whole context.
+def check_attention(config: Any) -> None:
+    """Raise :class:`AccelcError` unless every layer's attention is one accelc's ops compute.
 
-    A sliding window at least as long as ``max_position_embeddings`` never hides a key from a
-    query, so it counts as full attention.
+    Supported: causal attention over the whole context or through a sliding window
+    (:func:`attention_windows`), any scale.  Refused: other layer types, soft-capped attention
+    logits (``attn_logit_softcapping``, Gemma 2 style), bidirectional attention.
     """
-    context = getattr(config, "max_position_embeddings", None)
-    narrow = [(i, w) for i, w in enumerate(attention_windows(config)) if w is not None and (context is None or w < context)]
-    if narrow:
-        layers = ", ".join(str(i) for i, _ in narrow)
-        raise AccelcError(
-            f"capture {config.model_type}",
-            f"layers {layers} use sliding-window attention (window {narrow[0][1]} < context {context})",
-            "accelc's attention ops attend causally over the whole context and would change these layers' results; "
-            "supported are models with full causal attention (sliding_window null or >= max_position_embeddings)",
-        )
+    attention_windows(config)
+    where = f"capture {config.model_type}"
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        raise AccelcError(where, f"attention logits are soft-capped (attn_logit_softcapping={config.attn_logit_softcapping})",
+                          "accelc's attention ops compute plain softmax attention; set attn_logit_softcapping to null")
+    if getattr(config, "use_bidirectional_attention", False):
+        raise AccelcError(where, "the layers attend bidirectionally (use_bidirectional_attention=True)",
+                          "accelc compiles causal language models only")
 
 
 def _strip_export_plumbing(gm: fx.GraphModule) -> fx.GraphModule:
@@ -163,11 +176,11 @@ def capture(model: torch.nn.Module, *, example_len: int = 16, max_len: int | Non
     """Export ``model`` (a HF causal LM) to an FX GraphModule of ATen ops.
 
     The graph takes ``input_ids (B, S) int64`` and ``position_ids (B, S) int64`` and returns
-    ``logits (B, S, V)``; B and S are dynamic.  Raises :class:`AccelcError` for sliding-window
-    attention (:func:`check_full_attention`) and naming the construct that ``torch.export`` could
-    not handle.
+    ``logits (B, S, V)``; B and S are dynamic.  Raises :class:`AccelcError` for attention variants
+    accelc does not compute (:func:`check_attention`) and naming the construct that ``torch.export``
+    could not handle.
     """
-    check_full_attention(model.config)
+    check_attention(model.config)
     info = ModelInfo.from_model(model)
     max_len = max_len or max(info.max_positions, example_len + 1)
     ids = torch.zeros((2, example_len), dtype=torch.long, device=info.device)

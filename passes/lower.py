@@ -38,14 +38,16 @@ def _attention_kernel(backend: str):
     return _ATTN[backend]
 
 
-def cached_attention_torch(q, k, v, k_cache, v_cache, cache_len, q_len, scale, tree_mask=None):
+def cached_attention_torch(q, k, v, k_cache, v_cache, cache_len, q_len, scale, tree_mask=None, window=0, q_pos=None, k_pos=None):
     """accelc::cached_attention with the torch reference attention kernel."""
-    return cached_attention_impl(q, k, v, k_cache, v_cache, cache_len, q_len, scale, tree_mask, kernel=_attention_kernel("torch"))
+    return cached_attention_impl(q, k, v, k_cache, v_cache, cache_len, q_len, scale, tree_mask, window, q_pos, k_pos,
+                                 kernel=_attention_kernel("torch"))
 
 
-def cached_attention_triton(q, k, v, k_cache, v_cache, cache_len, q_len, scale, tree_mask=None):
+def cached_attention_triton(q, k, v, k_cache, v_cache, cache_len, q_len, scale, tree_mask=None, window=0, q_pos=None, k_pos=None):
     """accelc::cached_attention with the Triton attention kernel (CUDA)."""
-    return cached_attention_impl(q, k, v, k_cache, v_cache, cache_len, q_len, scale, tree_mask, kernel=_attention_kernel("triton"))
+    return cached_attention_impl(q, k, v, k_cache, v_cache, cache_len, q_len, scale, tree_mask, window, q_pos, k_pos,
+                                 kernel=_attention_kernel("triton"))
 
 
 @register_pass

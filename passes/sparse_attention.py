@@ -21,7 +21,8 @@ Before::                                          After (streaming / quest layer
 Entries may overlap on a layer when they do not conflict: streaming *heads* (a list / auto) +
 Quest on the remaining heads (LServe), or block-sparse prefill + Quest decode.  Whole-layer
 streaming with anything else, streaming + block-sparse, or the same method twice on a layer, is an
-error naming both entries.
+error naming both entries.  So is an entry on a sliding-window layer (Gemma 3's local layers): its
+window already limits what it reads, and these patterns are defined over the whole context.
 """
 from __future__ import annotations
 
@@ -150,6 +151,17 @@ class SparseAttention(Pass):
                     p.quest = (e.page, e.top_pages)
                 elif e.method == "block_sparse":
                     p.block_sparse = (e.block, e.top_blocks, e.sink_blocks, e.local_blocks)
+        windowed = sorted(l for l in plans if info.window(l))
+        if windowed:
+            entries = sorted({i for l in windowed for i in plans[l].entries.values()})
+            full = [l for l in range(info.n_layers) if not info.window(l)]
+            raise AccelcError(
+                "spec attention.sparse",
+                f"layers {', '.join(map(str, windowed))} attend through a sliding window "
+                f"({', '.join(f'attention.sparse[{i}]' for i in entries)} {'asks' if len(entries) == 1 else 'ask'} for them)",
+                "a sliding-window layer reads only its last window of tokens already, and streaming/quest/block_sparse "
+                f"select over the whole context; list full-attention layers only: {', '.join(map(str, full)) or 'none'}",
+            )
         for l, p in plans.items():
             names = ", ".join(f"attention.sparse[{i}] ({m})" for m, i in p.entries.items())
             if p.streaming and p.block_sparse:

@@ -14,6 +14,11 @@ Rewrites the *prefill* graph only (see Program.prefill_graph)::
                                            =>       h_L' = accelc.gather_tokens(h_L, idx)          (B, K, C)
     layers > L use h_L, cos, sin, S, q_len          cos' / sin' likewise, S -> K, q_len -> count,
     gather_positions(h, logits_index)               logits_index -> accelc.remap_positions(idx, count, logits_index)
+
+Sliding-window layers after L receive the gathered ``position_ids`` with everything else, so their
+windows stay measured in token positions among the kept tokens.  Layer L itself must attend over
+the whole prompt: a sliding-window layer's queries see only their last window of tokens and
+cannot rank the rest, so choosing one is an error that lists the full-attention layers.
 """
 from __future__ import annotations
 
@@ -65,6 +70,13 @@ class TokenSelectivePropagation(Pass):
         L = cfg.layer
         if L >= info.n_layers - 1:
             raise AccelcError("spec prefill.token_selection.layer", f"is {L}; the model has {info.n_layers} layers", f"use 0..{info.n_layers - 2}")
+        if info.window(L):
+            full = [l for l in range(info.n_layers - 1) if not info.window(l)]
+            raise AccelcError(
+                "spec prefill.token_selection.layer",
+                f"layer {L} attends through a sliding window of {info.window(L)} tokens, so its attention cannot rank the whole prompt",
+                f"choose a full-attention layer: {', '.join(map(str, full)) or 'this model has none before its last layer'}",
+            )
         gm = program.prefill_graph()
         g = gm.graph
         attn = _attention_of_layer(gm, L)

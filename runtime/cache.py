@@ -5,7 +5,9 @@ of filled slots per row.  The compiled graph writes new entries at ``[lens_i[b],
 and advances ``lens_i`` itself (see ``accelc::cached_attention``).  Lengths may differ per layer
 (token selection and KV compression store fewer entries in some layers) and per row (batches of
 prompts of different lengths).  Rolling back rejected speculative tokens only resets lengths:
-nothing is copied.
+nothing is copied.  A sliding-window layer also holds ``k_pos[i]: (B, Hkv, capacity_i) int64``,
+the token position of every slot (written by the graph with the keys), because its window is
+measured in positions and a thinned cache's slots are not positions.
 """
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ class CacheSnapshot:
 
 class KVCache:
     def __init__(self, info: ModelInfo, batch: int, capacity: int, layers: list[int] | None = None,
-                 pages: dict[int, int] | None = None, streaming: dict[int, tuple[int, int]] | None = None):
+                 pages: dict[int, int] | None = None, streaming: dict[int, tuple[int, int]] | None = None,
+                 windows: dict[int, int] | None = None):
         self.info = info
         self.batch = batch
         self.layers = list(range(info.n_layers)) if layers is None else list(layers)
@@ -41,6 +44,9 @@ class KVCache:
             self._alloc_pages(i)
         # Whole-layer streaming: the cache keeps the first `sink` and the last `local` entries.
         self.streaming = dict(streaming or {})
+        # Sliding-window layers: the position of every slot (the graph writes it with the keys).
+        self.windows = {i: w for i, w in (windows or {}).items() if i in self.k}
+        self.k_pos = {i: torch.zeros(shape[:3], dtype=torch.long, device=info.device) for i in self.windows}
         self._inputs: dict[str, torch.Tensor] | None = None
 
     def _alloc_pages(self, i: int) -> None:
@@ -66,6 +72,8 @@ class KVCache:
                 if i in self.pages:
                     d[f"k_min_{i}"] = self.k_min[i]
                     d[f"k_max_{i}"] = self.k_max[i]
+                if i in self.k_pos:
+                    d[f"k_pos_{i}"] = self.k_pos[i]
             self._inputs = d
         return self._inputs
 
@@ -84,6 +92,9 @@ class KVCache:
                     t = old.new_zeros((old.shape[0], old.shape[1], new_cap, old.shape[3]))
                     t[:, :, :cap].copy_(old)
                     store[i] = t
+                if i in self.k_pos:
+                    old = self.k_pos[i]
+                    self.k_pos[i] = torch.cat([old, old.new_zeros((*old.shape[:2], new_cap - cap))], dim=2)
                 if i in self.pages:
                     self._alloc_pages(i)
                 self._inputs = None
@@ -95,6 +106,8 @@ class KVCache:
             if need < self.k[i].shape[2]:
                 self.k[i] = self.k[i][:, :, :need].clone()
                 self.v[i] = self.v[i][:, :, :need].clone()
+                if i in self.k_pos:
+                    self.k_pos[i] = self.k_pos[i][:, :, :need].clone()
                 if i in self.pages:
                     self._alloc_pages(i)
                 self._inputs = None
@@ -119,9 +132,31 @@ class KVCache:
         return CacheSnapshot([self.lens[i].clone() for i in self.layers])
 
     def restore(self, snap: CacheSnapshot, keep: torch.Tensor | None = None) -> None:
-        """Reset lengths to ``snap`` (+ ``keep`` (B,) extra entries per row, e.g. accepted tokens)."""
+        """Reset lengths to ``snap`` (+ ``keep`` (B,) extra entries per row, e.g. accepted tokens).
+
+        Kept entries are accepted tokens: they continue their row's sequence, so a sliding-window
+        layer's kept slots get the positions after the snapshot's last entry (a tree verification
+        wrote them at their node positions, and moving an accepted path into place moves keys and
+        values only).
+        """
         for i, saved in zip(self.layers, snap.lens):
             self.lens[i].copy_(saved if keep is None else saved + keep)
+            if keep is not None and i in self.k_pos:
+                self._renumber(self.k_pos[i], saved, keep)
+
+    @staticmethod
+    def _renumber(k_pos: torch.Tensor, start: torch.Tensor, count: torch.Tensor) -> None:
+        """k_pos (B, Hkv, N): slots [start_b, start_b + count_b) <- the positions after slot start_b - 1."""
+        width = int(count.max()) if count.numel() else 0
+        if width == 0:
+            return
+        B, H, N = k_pos.shape
+        step = torch.arange(width, device=k_pos.device)
+        slots = (start[:, None] + step).clamp(max=N - 1)                                   # (B, width)
+        prev = k_pos.gather(2, (start - 1).clamp(min=0)[:, None, None].expand(B, H, 1))   # (B, H, 1)
+        write = ((step[None, :] < count[:, None]) & (start[:, None] > 0))[:, None, :]      # (B, 1, width)
+        index = slots[:, None, :].expand(B, H, width)
+        k_pos.scatter_(2, index, torch.where(write, prev + 1 + step, k_pos.gather(2, index)))
 
     def nbytes_used(self) -> int:
         """Bytes of filled KV entries (keys + values), summed over layers and rows."""

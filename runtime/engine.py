@@ -53,7 +53,8 @@ class Engine:
     # ------------------------------------------------------------------ one forward
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         meta = self.cm.program.meta
-        return KVCache(self.info, batch, capacity, pages=meta.get("quest"), streaming=meta.get("streaming_evict"))
+        return KVCache(self.info, batch, capacity, pages=meta.get("quest"), streaming=meta.get("streaming_evict"),
+                       windows=meta.get("kv_cache", {}).get("windows"))
 
     def step(
         self,

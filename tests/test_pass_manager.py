@@ -124,3 +124,44 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.accelc.compress_cache.default,
                           (q, torch.randn(B, Hkv, N, D), torch.randn(B, Hkv, N, D), torch.tensor([5, 5]), torch.tensor([5, 5]), 0.3, 2, 3, "max", 0.5, 0),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_windowed_custom_ops_pass_opcheck():
+    """The sliding-window forms: the stateless op's window, the cached op writing slot positions,
+    KV compression compacting them."""
+    import accelc.ops  # noqa: F401  (registers the ops)
+
+    B, H, Hkv, S, D, N = 2, 4, 2, 5, 8, 12
+    q, k, v = torch.randn(B, H, S, D), torch.randn(B, Hkv, S, D), torch.randn(B, Hkv, S, D)
+    torch.library.opcheck(torch.ops.accelc.attention.default, (q, k, v, 0.3, 3))
+    q_pos = torch.tensor([[0, 1, 2, 3, 4], [3, 4, 5, 6, 7]])
+    k_pos = torch.zeros(B, Hkv, N, dtype=torch.long)
+    torch.library.opcheck(torch.ops.accelc.cached_attention.default,
+                          (q, k, v, torch.zeros(B, Hkv, N, D), torch.zeros(B, Hkv, N, D), torch.tensor([0, 3]), torch.tensor([5, 4]),
+                           0.3, None, 3, q_pos, k_pos),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.accelc.compress_cache.default,
+                          (q, torch.randn(B, Hkv, N, D), torch.randn(B, Hkv, N, D), torch.tensor([5, 5]), torch.tensor([5, 5]), 0.3, 2, 3,
+                           "max", 0.5, 0, 3, torch.arange(N).expand(B, Hkv, N).contiguous()),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_windowed_cached_attention_writes_positions_and_hides_keys_outside_the_window():
+    """Prefill 6 tokens at positions 10..15 then decode position 16 with window 3: the decode
+    query equals plain attention over the keys at positions 14, 15, 16 only."""
+    import accelc.ops  # noqa: F401  (registers the ops)
+
+    torch.manual_seed(0)
+    H, Hkv, D, W = 4, 2, 8, 3
+    kc, vc = torch.zeros(1, Hkv, 8, D), torch.zeros(1, Hkv, 8, D)
+    k_pos, length = torch.zeros(1, Hkv, 8, dtype=torch.long), torch.tensor([0])
+    k, v = torch.randn(1, Hkv, 7, D), torch.randn(1, Hkv, 7, D)
+    q = torch.randn(1, H, 7, D)
+    attend = torch.ops.accelc.cached_attention.default
+    attend(q[:, :, :6], k[:, :, :6], v[:, :, :6], kc, vc, length, torch.tensor([6]), 0.3, None, W,
+           torch.arange(10, 16)[None], k_pos)
+    out = attend(q[:, :, 6:], k[:, :, 6:], v[:, :, 6:], kc, vc, length, torch.tensor([1]), 0.3, None, W,
+                 torch.tensor([[16]]), k_pos)
+    assert length.tolist() == [7] and k_pos[0, :, :7].tolist() == [list(range(10, 17))] * Hkv
+    want = torch.nn.functional.scaled_dot_product_attention(q[:, :, 6:], k[:, :, 4:], v[:, :, 4:], scale=0.3, enable_gqa=True)
+    torch.testing.assert_close(out, want)

@@ -1,9 +1,11 @@
 """Property suite of the cache attention kernel: Triton (interpreted, fp32) == torch reference == dense.
 
 The dense brute force below builds the visibility mask of every query explicitly from the op's
-contract (causal or tree, per-row ``kv_len``, left-padded rows) and runs a float64 softmax over all
-N keys with the garbage beyond ``kv_len`` zeroed, so a kernel that lets garbage in, shifts the causal
-diagonal or mishandles GQA / empty rows disagrees with it.
+contract (causal or tree, per-row ``kv_len``, left-padded rows, sliding windows over slot
+positions) and runs a float64 softmax over all N keys with the garbage beyond ``kv_len`` zeroed, so
+a kernel that lets garbage in, shifts the causal diagonal or the window edge, or mishandles GQA /
+empty rows disagrees with it.  The window edge itself is pinned to transformers'
+``sliding_window_causal_mask_function``.
 """
 from __future__ import annotations
 
@@ -180,3 +182,144 @@ def test_rejects_mismatched_shapes() -> None:
         attention_torch(q, k, v, torch.tensor([4]), 0.25)
     with pytest.raises(ValueError, match="tree_mask"):
         attention_torch(torch.zeros(1, 2, 2, 16), k, v, torch.tensor([4]), 0.25, torch.ones(1, 2, 3, dtype=torch.bool))
+
+
+# ----------------------------------------------------------------------------- sliding windows
+
+
+@dataclass
+class WindowCase:
+    """A drawn problem plus a sliding window over slot positions ``k_pos`` (B, Hkv, N).
+
+    gaps: the past positions skip some (a cache thinned by token selection / KV compression);
+    per_head: each KV head skips others (KV compression keeps entries per head).  The new keys sit
+    after the past ones, consecutive for a causal case, at random depths for a tree (siblings
+    share a position).  Slots past ``kv_len`` hold garbage positions.
+    """
+
+    case: Case
+    window: int
+    gaps: bool
+    per_head: bool
+
+    def positions(self) -> torch.Tensor:
+        c = self.case
+        gen = torch.Generator().manual_seed(c.seed + 1)
+        pos = torch.randint(-10**6, 10**6, (c.batch, c.kv_heads, c.n_cache), generator=gen)
+        for b, n in enumerate(c.kv_len):
+            past = max(0, n - c.seq)
+            shared = 1 + torch.randint(0, 3 if self.gaps else 1, (past,), generator=gen)
+            for g in range(c.kv_heads):
+                steps = 1 + torch.randint(0, 3, (past,), generator=gen) if self.per_head and self.gaps else shared
+                pos[b, g, :past] = torch.cumsum(steps, 0) - 1
+                start = int(pos[b, g, past - 1]) + 1 if past else 0
+                new = n - past
+                offset = (torch.randint(0, c.seq, (new,), generator=gen) if c.tree else torch.arange(new))
+                pos[b, g, past:n] = start + offset
+        return pos
+
+
+def dense_windowed_attention(q, k, v, kv_len, scale, tree_mask, window, k_pos) -> torch.Tensor:
+    """Brute force in float64: query ``s`` of KV head ``g`` sees key ``j`` iff the causal/tree rule
+    lets it and ``k_pos[g, j] > k_pos[g, kv_len - S + s] - window`` (no key at a negative slot)."""
+    B, H, S, D = q.shape
+    hkv, N = k.shape[1], k.shape[2]
+    group = H // hkv
+    out = torch.zeros(B, H, S, D, dtype=torch.float64)
+    for b in range(B):
+        n = int(kv_len[b])
+        base = _visibility(S, N, n, None if tree_mask is None else tree_mask[b])
+        mask = torch.zeros(hkv, S, N, dtype=torch.bool)
+        for s in range(S):
+            slot = n - S + s
+            if slot >= 0:
+                mask[:, s] = base[s] & (k_pos[b] > k_pos[b, :, slot:slot + 1] - window)
+        mask = mask.repeat_interleave(group, 0)                                      # (H, S, N)
+        valid = (torch.arange(N) < n)[:, None]
+        kk = torch.where(valid, k[b].double(), 0.0).repeat_interleave(group, 0)
+        vv = torch.where(valid, v[b].double(), 0.0).repeat_interleave(group, 0)
+        logits = torch.where(mask, q[b].double() @ kk.transpose(-1, -2) * scale, -math.inf)
+        probs = torch.where(mask.any(-1, keepdim=True), torch.softmax(logits, -1), 0.0)
+        out[b] = probs @ vv
+    return out
+
+
+@st.composite
+def window_cases(draw: st.DrawFn, tree: bool) -> WindowCase:
+    """Windows narrower than one block, around the block size, and wider than every row."""
+    return WindowCase(case=draw(cases(tree=tree)), window=draw(st.one_of(st.integers(1, 4), st.integers(5, 70), st.integers(200, 400))),
+                      gaps=draw(st.booleans()), per_head=draw(st.booleans()))
+
+
+def _assert_windowed_agree(wc: WindowCase) -> None:
+    q, k, v, kv_len, tree = wc.case.tensors()
+    k_pos = wc.positions()
+    ref = dense_windowed_attention(q, k, v, kv_len, wc.case.scale, tree, wc.window, k_pos)
+    for impl in (attention_torch, attention_triton):
+        out = impl(q, k, v, kv_len, wc.case.scale, tree, wc.window, k_pos)
+        assert out.shape == q.shape and out.dtype == q.dtype
+        assert torch.isfinite(out).all(), f"{impl.__name__}: non-finite output"
+        torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4, msg=lambda m: f"{impl.__name__}: {m}")
+
+
+def _wcase(case: Case, window: int, gaps: bool = True, per_head: bool = True) -> WindowCase:
+    return WindowCase(case, window, gaps, per_head)
+
+
+# Pinned: chunks of Q_CHUNK and 64-key blocks with the window start inside the past, ragged and
+# left-padded rows, per-head gaps; a window of 1 (each query sees itself only).
+@example(_wcase(_case(3, 2, 3, 32, 130, [300, 130, 57], tree=False), window=70))
+@example(_wcase(_case(2, 2, 2, 16, 1, [200, 64], tree=False, garbage=float("-inf")), window=17, per_head=False))
+@example(_wcase(_case(2, 1, 2, 16, 9, [90, 9], tree=False), window=1))
+@given(window_cases(tree=False))
+def test_windowed_triton_equals_torch_equals_dense(wc: WindowCase) -> None:
+    _assert_windowed_agree(wc)
+
+
+@example(_wcase(_case(2, 2, 2, 16, 9, [150, 6], tree=True, garbage=1e30), window=5))
+@given(window_cases(tree=True))
+def test_windowed_tree_triton_equals_torch_equals_dense(wc: WindowCase) -> None:
+    _assert_windowed_agree(wc)
+
+
+@pytest.mark.parametrize("impl", [attention_torch, attention_triton])
+@pytest.mark.parametrize("window", [1, 3, 8])
+def test_window_edge_is_transformers_sliding_window_mask(impl, window) -> None:
+    """With q = 0 every visible key gets the same weight, so one-hot values read the visible set
+    back: it is exactly transformers' sliding-window causal mask, for a prefill (slot = position)
+    and for one decode query after it."""
+    from transformers.masking_utils import sliding_window_causal_mask_function
+
+    hf = sliding_window_causal_mask_function(window)
+    N = 20
+    k = torch.randn(1, 1, N, 32)
+    v = torch.eye(N, 32)[None, None]
+    for S, n in ((N, N), (1, N)):
+        out = impl(torch.zeros(1, 2, S, 32), k, v, torch.tensor([n]), 0.3, None, window)
+        for s in range(S):
+            p = n - S + s
+            zero = torch.tensor(0)
+            want = torch.cat([hf(zero, zero, torch.tensor(p), torch.arange(N)), torch.zeros(32 - N, dtype=torch.bool)])
+            assert torch.equal(out[0, :, s] > 0, want.expand(2, -1)), (S, p)
+
+
+def test_window_without_positions_reads_slots_as_positions() -> None:
+    case = _case(2, 2, 2, 16, 7, [40, 7], tree=False)
+    q, k, v, kv_len, _ = case.tensors()
+    slots = torch.arange(k.shape[2]).expand(2, 2, -1).contiguous()
+    for impl in (attention_torch, attention_triton):
+        torch.testing.assert_close(impl(q, k, v, kv_len, 0.2, None, 5), impl(q, k, v, kv_len, 0.2, None, 5, slots))
+
+
+def test_window_wider_than_every_row_is_plain_attention() -> None:
+    case = _case(2, 2, 2, 16, 9, [60, 9], tree=False)
+    q, k, v, kv_len, _ = case.tensors()
+    torch.testing.assert_close(attention_torch(q, k, v, kv_len, 0.2, None, 61), attention_torch(q, k, v, kv_len, 0.2))
+
+
+def test_rejects_bad_window_arguments() -> None:
+    q, k, v = torch.zeros(1, 2, 2, 16), torch.zeros(1, 2, 8, 16), torch.zeros(1, 2, 8, 16)
+    with pytest.raises(ValueError, match="window must be >= 0"):
+        attention_torch(q, k, v, torch.tensor([4]), 0.25, None, -1)
+    with pytest.raises(ValueError, match="k_pos must be int64"):
+        attention_torch(q, k, v, torch.tensor([4]), 0.25, None, 2, torch.zeros(1, 2, 8, dtype=torch.int32))
