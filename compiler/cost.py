@@ -17,12 +17,12 @@ these costs, baseline over spec.
 What each spec section changes (the same rules the passes implement):
 
 * **token selection** (FastKV TSP, Jo et al. 2025): layers ``> l`` process ``k(N)`` tokens,
-  ``k(n) = min(n, max(ceil(r·n), min(w, n)))`` for a fraction r (a budget replaces ``ceil(r·n)``),
+  ``k(n) = min(n, ceil(r·n) + min(w, n))`` for a fraction r (a budget replaces ``ceil(r·n)``),
   as :func:`accelc.ops.kept_count`; the scoring by the last w queries costs ``2·H·D_h·w·N``.  With the
   LM head and attention's ``N²`` term the exact ideal ratio is :func:`tsp_speedup`; its linear limit is
   ``1 / (l'/L + (1 - l'/L)·r)`` with ``l' = l + 1`` layers on all tokens.
 * **KV compression** (SnapKV, Li et al. 2024; PyramidKV, Cai et al. 2024): a compressed layer stores
-  ``k_j(n_j)`` of its ``n_j`` tokens (the window included); PyramidKV's per-layer keeps decrease
+  ``k_j(n_j)`` of its ``n_j`` tokens (the top ones plus the window); PyramidKV's per-layer keeps decrease
   linearly with depth and average to the requested one (``accelc.passes.kv_compress.layer_keeps``).
 * **streaming heads** (StreamingLLM, Xiao et al. 2024; DuoAttention): a query sees ``min(i+1, s)``
   keys with ``s = sink + local``; a KV head whose query heads all stream stores and reads ``min(n, s)``.
@@ -88,40 +88,45 @@ def block_sparse_pairs(n: sp.Expr, block: int, blocks: int) -> sp.Expr:
     return causal_pairs(n) - block**2 * skipped
 
 
-def _kept_eval(n: sp.Expr, amount: sp.Expr, window: sp.Expr, fraction: bool) -> sp.Expr | None:
+def _kept_eval(n: sp.Expr, amount: sp.Expr, window: sp.Expr, fraction: bool, floor: sp.Expr = sp.Integer(0)) -> sp.Expr | None:
     """Value of a kept count once ``n`` is a number (None keeps the call unevaluated, for printing)."""
     if fraction and amount == 1:
         return n
-    if not (n.is_Integer and amount.is_Number and window.is_Integer):
+    if not (n.is_Integer and amount.is_Number and window.is_Integer and floor.is_Integer):
         return None
-    c = sp.ceiling(amount * n) if fraction else amount
-    return sp.Min(n, sp.Max(c, sp.Min(window, n)))
+    c = sp.Max(sp.ceiling(amount * n), floor) if fraction else amount
+    return sp.Min(n, c + sp.Min(window, n))
 
 
 class kept_fraction(sp.Function):  # noqa: N801 - the class name is how formulas print
-    """``kept_fraction(n, r, w) = min(n, max(ceil(r·n), min(w, n)))``: tokens a fraction r keeps."""
+    """``kept_fraction(n, r, w[, f]) = min(n, max(ceil(r·n), f) + min(w, n))``: tokens a fraction r
+    keeps, at least f top ones (``min_keep``), plus the window."""
+
+    nargs = (3, 4)
 
     @classmethod
-    def eval(cls, n, r, w):  # noqa: D102 - sympy hook
-        return _kept_eval(n, r, w, True)
+    def eval(cls, n, r, w, f=sp.Integer(0)):  # noqa: D102 - sympy hook
+        return _kept_eval(n, r, w, True, f)
 
 
 class kept_budget(sp.Function):  # noqa: N801 - the class name is how formulas print
-    """``kept_budget(n, b, w) = min(n, max(b, min(w, n)))``: tokens a budget of b keeps."""
+    """``kept_budget(n, b, w) = min(n, b + min(w, n))``: tokens a budget of b keeps (+ the window)."""
 
     @classmethod
     def eval(cls, n, b, w):  # noqa: D102 - sympy hook
         return _kept_eval(n, b, w, False)
 
 
-def kept(n: sp.Expr, keep: int | float, window: int) -> sp.Expr:
-    """Tokens kept of ``n`` by a fraction (float) or a budget (int), never fewer than the window.
+def kept(n: sp.Expr, keep: int | float, window: int, floor: int = 0) -> sp.Expr:
+    """Tokens kept of ``n`` by a fraction (float) or a budget (int), plus the window, at most ``n``.
 
     Mirrors :func:`accelc.ops.kept_count`; stays a named call (``kept_fraction(N, 1/5, 8)``) until
     ``n`` is a number, so formulas print short.
     """
     if isinstance(keep, int):
         return kept_budget(n, sp.Integer(keep), sp.Integer(window))
+    if floor:
+        return kept_fraction(n, _rational(keep), sp.Integer(window), sp.Integer(floor))
     return kept_fraction(n, _rational(keep), sp.Integer(window))
 
 
@@ -132,19 +137,22 @@ def spec_speedup(alpha: sp.Expr, gamma: sp.Expr, c: sp.Expr) -> sp.Expr:
 
 _L_TSP = sp.Symbol("l", integer=True, nonnegative=True)  # token-selection layer
 _R_TSP = sp.Symbol("r", positive=True)  # kept ratio
+_W_TSP = sp.Symbol("w", integer=True, nonnegative=True)  # observation window (always kept)
+_F_TSP = sp.Symbol("f", integer=True, nonnegative=True)  # min_keep: fewest top tokens kept
 
 
-def tsp_speedup(l_: sp.Expr = _L_TSP, r: sp.Expr = _R_TSP, n: sp.Expr = N) -> sp.Expr:
-    """Exact ideal prefill speedup of TSP after layer ``l`` keeping ``r·n`` tokens, all in symbols.
+def tsp_speedup(l_: sp.Expr = _L_TSP, r: sp.Expr = _R_TSP, n: sp.Expr = N, w: sp.Expr = _W_TSP,
+                f: sp.Expr = sp.Integer(0)) -> sp.Expr:
+    """Exact ideal prefill speedup of TSP after layer ``l`` keeping ``max(r·n, f) + w`` tokens, in symbols.
 
-    Full prefill over (layers 0..l on n tokens + layers l+1..L-1 on r·n tokens), both with the
-    LM head at one position; selection overhead and the window floor are left out.
+    Full prefill over (layers 0..l on n tokens + layers l+1..L-1 on the r·n top tokens, at least f,
+    plus the window w), both with the LM head at one position; the selection overhead is left out.
     """
     def layers(count: sp.Expr, t: sp.Expr) -> sp.Expr:
         return count * (t * P_ + PAIR_FLOPS * causal_pairs(t))
 
     head = 2 * D_ * V_
-    return (layers(L_, n) + head) / (layers(l_ + 1, n) + layers(L_ - l_ - 1, r * n) + head)
+    return (layers(L_, n) + head) / (layers(l_ + 1, n) + layers(L_ - l_ - 1, sp.Max(r * n, f) + w) + head)
 
 
 def tsp_speedup_linear(l_: sp.Expr = _L_TSP, r: sp.Expr = _R_TSP) -> sp.Expr:
@@ -206,6 +214,7 @@ class _LayerPlan:
     tsp_here: bool = False
     compress_keep: int | float | None = None
     compress_window: int = 0
+    compress_floor: int = 0
     stream_span: int | None = None  # sink + local
     stream_q: float = 0.0  # fraction of query heads that stream (prefill compute)
     stream_kv: float = 0.0  # fraction of KV heads whose whole group streams (decode bytes, memory)
@@ -243,7 +252,7 @@ def _plan(spec: Any, dims: Dims) -> tuple[list[_LayerPlan], list[str]]:
 
         layers = kc.layers.resolve(n, where="kv_cache.compression.layers")
         for j, keep in zip(layers, layer_keeps(kc.method, kc.keep, len(layers))):
-            fields[j].update(compress_keep=keep, compress_window=kc.window)
+            fields[j].update(compress_keep=keep, compress_window=kc.window, compress_floor=kc.min_keep)
     for entry in spec.attention.sparse if spec.attention else []:
         for j in entry.layers.resolve(n, where="attention.sparse.layers"):
             if entry.method == "streaming":
@@ -269,13 +278,13 @@ class _LayerCost:
 
 def _layer_cost(p: _LayerPlan, n: sp.Expr, ts: Any) -> _LayerCost:
     """Costs of one layer under plan ``p`` for a prompt of ``n`` tokens; ``ts``: the spec's token selection."""
-    tokens = kept(n, ts.keep, ts.window) if p.after_tsp else n
+    tokens = kept(n, ts.keep, ts.window, ts.min_keep) if p.after_tsp else n
     if p.compress_keep is None:
         full = tokens
     elif isinstance(p.compress_keep, int):
         full = kept(tokens, p.compress_keep, p.compress_window)
     else:  # a fraction of the prompt (ops.compress_cache), capped by what the layer holds
-        full = sp.Min(tokens, kept(n, p.compress_keep, p.compress_window))
+        full = sp.Min(tokens, kept(n, p.compress_keep, p.compress_window, p.compress_floor))
     stored, read = _kv_tokens(p, full)
     return _LayerCost(_prefill_flops(p, n, tokens, full, ts), stored, read)
 
@@ -439,10 +448,10 @@ def predict(spec: Any, info: Any, config: Any, seq_len: int, context: int | None
     subs = {**dims.values(), B_: batch}
     spec_values: dict[sp.Symbol, sp.Expr] = {}
     if ts is not None:
-        sym["tsp_speedup_ideal"] = tsp_speedup()
+        sym["tsp_speedup_ideal"] = tsp_speedup(f=_F_TSP) if ts.min_keep else tsp_speedup()
         sym["tsp_speedup_linear"] = tsp_speedup_linear()
         r = _rational(ts.keep) if isinstance(ts.keep, float) else sp.Min(1, sp.Integer(ts.keep) / N)
-        spec_values = {_L_TSP: ts.layer, _R_TSP: r}
+        spec_values = {_L_TSP: ts.layer, _R_TSP: r, _W_TSP: ts.window, _F_TSP: ts.min_keep}
     out = Prediction(
         seq_len=seq_len, context=context, batch=batch,
         prefill_speedup=_num(pf_b / pf_s, {**subs, N: seq_len}),

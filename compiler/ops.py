@@ -178,18 +178,19 @@ def _(x, w, b=None):
 
 # --------------------------------------------------------------------------------------------
 # Token selection (FastKV TSP) and KV-cache compression (SnapKV / PyramidKV).
-def kept_count(n: Tensor, keep: float, budget: int, window: int, ref: Tensor | None = None) -> Tensor:
+def kept_count(n: Tensor, keep: float, budget: int, window: int, ref: Tensor | None = None, floor: int = 0) -> Tensor:
     """How many of a row's ``n`` tokens to keep: (B,) int64.
 
-    ``budget > 0``: keep ``budget`` tokens (window included); else the fraction ``keep`` of ``ref``
-    (default ``n``; the prompt length for KV compression), rounded up.  Never fewer than the window
-    (or ``n`` if shorter), never more than ``n``, so ``keep=1.0`` or a budget >= n keeps everything.
+    The top-scored ``budget`` tokens (``budget > 0``), else the top fraction ``keep`` of ``ref``
+    (default ``n``; the prompt length for KV compression) rounded up and at least ``floor``, *plus*
+    the window (the last ``min(window, n)`` tokens, always kept), at most ``n``: ``keep=1.0`` or a
+    budget >= n keeps everything, and a short prompt never shrinks to its window alone.
     """
     if budget > 0:
-        c = torch.full_like(n, budget)
+        top = torch.full_like(n, budget)
     else:
-        c = torch.ceil((n if ref is None else ref).to(torch.float64) * keep).to(torch.long)
-    return torch.minimum(torch.maximum(c, n.clamp(max=window)), n)
+        top = torch.ceil((n if ref is None else ref).to(torch.float64) * keep).to(torch.long).clamp(min=floor)
+    return torch.minimum(top + n.clamp(max=window), n)
 
 
 def window_queries(q: Tensor, n: Tensor, window: int) -> Tensor:
@@ -210,8 +211,9 @@ def token_scores(q: Tensor, k_cache: Tensor, n: Tensor, scale: float, window: in
 
 @torch.library.custom_op("accelc::tsp_select", mutates_args=())
 def tsp_select(q: Tensor, k_cache: Tensor, q_len: Tensor, scale: float, window: int, kernel: int, pooling: str,
-               keep: float, budget: int) -> tuple[Tensor, Tensor]:
-    """FastKV token-selective propagation: which tokens the layers after this one keep.
+               keep: float, budget: int, floor: int = 0) -> tuple[Tensor, Tensor]:
+    """FastKV token-selective propagation: which tokens the layers after this one keep (the top
+    fraction ``keep``, at least ``floor``, or the top ``budget``; plus the window).
 
     q: (B, H, S, D) this layer's queries of a fresh prefill; k_cache: (B, Hkv, N, D) holding the
     prompt's keys at slots [0, q_len_b); q_len: (B,).  Scores are summed over all KV heads (one
@@ -219,13 +221,13 @@ def tsp_select(q: Tensor, k_cache: Tensor, q_len: Tensor, scale: float, window: 
     ascending (rows with fewer kept tokens are padded, see select_topk) and ``count (B,)``.
     """
     scores = token_scores(q, k_cache, q_len, scale, window, kernel, pooling).sum(1, keepdim=True)
-    count = kept_count(q_len, keep, budget, window)
+    count = kept_count(q_len, keep, budget, window, floor=floor)
     idx = lookup("select_topk", q.device)(scores, count)[:, 0]
     return idx, count
 
 
 @tsp_select.register_fake
-def _(q, k_cache, q_len, scale, window, kernel, pooling, keep, budget):
+def _(q, k_cache, q_len, scale, window, kernel, pooling, keep, budget, floor=0):
     ctx = torch.library.get_ctx()
     K = ctx.new_dynamic_size()
     return q_len.new_empty((q.shape[0], K)), torch.empty_like(q_len)
@@ -267,14 +269,15 @@ def _(idx, count, index):
 @torch.library.custom_op("accelc::compress_cache", mutates_args=("k_cache", "v_cache", "cache_len", "k_pos"))
 def compress_cache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_len: Tensor, prompt_len: Tensor, scale: float,
                    window: int, kernel: int, pooling: str, keep: float, budget: int, sliding_window: int = 0,
-                   k_pos: Optional[Tensor] = None) -> None:
+                   k_pos: Optional[Tensor] = None, floor: int = 0) -> None:
     """SnapKV / PyramidKV: keep, per KV head, the top-scored prompt entries (+ the window).
 
     Runs right after a fresh prefill wrote this layer's cache (slots [0, cache_len_b)).  Scores
     come from the last ``window`` queries (GQA: summed over each KV group's query heads, never
     expanding the cache); each KV head keeps its own ``count_b`` best entries in position order,
     compacted to slots [0, count_b); ``cache_len`` becomes ``count``.  A fraction ``keep`` is of
-    ``prompt_len`` (B,), so layers after token selection keep the same share of the prompt.
+    ``prompt_len`` (B,), so layers after token selection keep the same share of the prompt;
+    ``floor`` is the fewest top entries a fraction keeps (``min_keep``).
 
     On a sliding-window layer (``sliding_window > 0``) the slot positions ``k_pos (B, Hkv, N)`` are
     compacted with the entries, and the entries that no later query can see any more (position
@@ -282,13 +285,13 @@ def compress_cache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_len: Tenso
     ``sliding_window - 1`` entries or more then keeps everything the layer will read.
     """
     compress_cache_impl(q, k_cache, v_cache, cache_len, prompt_len, scale, window, kernel, pooling, keep, budget,
-                        sliding_window, k_pos)
+                        sliding_window, k_pos, floor)
 
 
 def compress_cache_impl(q, k_cache, v_cache, cache_len, prompt_len, scale, window, kernel, pooling, keep, budget,
-                        sliding_window=0, k_pos=None) -> None:
+                        sliding_window=0, k_pos=None, floor=0) -> None:
     n = cache_len.clone()
-    count = kept_count(n, keep, budget, window, ref=prompt_len)
+    count = kept_count(n, keep, budget, window, ref=prompt_len, floor=floor)
     if bool((count == n).all()):
         return
     scores = token_scores(q, k_cache, n, scale, window, kernel, pooling)
@@ -309,7 +312,8 @@ def compress_cache_impl(q, k_cache, v_cache, cache_len, prompt_len, scale, windo
 
 
 @compress_cache.register_fake
-def _(q, k_cache, v_cache, cache_len, prompt_len, scale, window, kernel, pooling, keep, budget, sliding_window=0, k_pos=None):
+def _(q, k_cache, v_cache, cache_len, prompt_len, scale, window, kernel, pooling, keep, budget, sliding_window=0, k_pos=None,
+      floor=0):
     return None
 
 

@@ -378,6 +378,15 @@ class TokenSelection(_Section):
     window: Window = 8
     kernel: Kernel = 7
     pooling: Pooling = "max"
+    min_keep: int = Field(0, ge=0, description="with a fractional keep: the fewest top tokens that propagate "
+                          "(a floor for short prompts; the window comes on top): an int >= 0")
+
+    @model_validator(mode="after")
+    def _min_keep_needs_a_fraction(self) -> "TokenSelection":
+        if self.min_keep and _is_int(self.keep):
+            _fail(f"min_keep {self.min_keep} only applies to a fractional keep, but keep is the budget {self.keep}",
+                  "drop min_keep, or give keep as a fraction such as 0.2", field="min_keep")
+        return self
 
 
 class Prefill(_Section):
@@ -396,6 +405,15 @@ class KVCompression(_Section):
     kernel: Kernel = 7
     pooling: Pooling = "max"
     layers: Layers = LayerSet("all")
+    min_keep: int = Field(0, ge=0, description="with a fractional keep: the fewest top entries a layer keeps per KV head "
+                          "(a floor for short prompts; the window comes on top): an int >= 0")
+
+    @model_validator(mode="after")
+    def _min_keep_needs_a_fraction(self) -> "KVCompression":
+        if self.min_keep and _is_int(self.keep):
+            _fail(f"min_keep {self.min_keep} only applies to a fractional keep, but keep is the budget {self.keep}",
+                  "drop min_keep, or give keep as a fraction such as 0.1", field="min_keep")
+        return self
 
 
 class KVCache(_Section):

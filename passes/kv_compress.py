@@ -87,11 +87,14 @@ class KVCompress(Pass):
             if sliding:
                 args += (sliding, k_pos)
             with gm.graph.inserting_after(attn):
-                call(gm, torch.ops.accelc.compress_cache.default, args, like=attn)
+                call(gm, torch.ops.accelc.compress_cache.default, args, {"floor": cfg.min_keep} if cfg.min_keep else None,
+                     like=attn)
             n += 1
         program.meta["kv_compress"] = {"method": cfg.method, "keeps": keeps}
         shown = ", ".join(f"{l}:{_fmt(k)}" for l, k in list(keeps.items())[:4]) + (" ..." if len(keeps) > 4 else "")
-        return Outcome(n, (f"{cfg.method}: {n} layers keep their top entries per KV head (+{cfg.window} window); keep per layer {shown}",))
+        floor = f", at least {cfg.min_keep}" if cfg.min_keep else ""
+        return Outcome(n, (f"{cfg.method}: {n} layers keep their top entries per KV head{floor} (+{cfg.window} window); "
+                           f"keep per layer {shown}",))
 
 
 def _fmt(k) -> str:

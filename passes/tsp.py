@@ -91,7 +91,7 @@ class TokenSelectivePropagation(Pass):
         fraction, budget = keep_args(cfg.keep)
         with g.inserting_before(boundary):
             sel = call(gm, torch.ops.accelc.tsp_select.default,
-                       (q, k_cache, q_len, scale, cfg.window, cfg.kernel, cfg.pooling, fraction, budget), like=attn)
+                       (q, k_cache, q_len, scale, cfg.window, cfg.kernel, cfg.pooling, fraction, budget, cfg.min_keep), like=attn)
             idx = call(gm, operator.getitem, (sel, 0), like=attn)
             count = call(gm, operator.getitem, (sel, 1), like=attn)
             k_size = call(gm, aten.sym_size.int, (idx, 1), like=attn)

@@ -69,19 +69,19 @@ def test_baseline_costs_by_hand():
 def test_token_selection_by_hand():
     p = predict(spec(**tsp(1, 0.5, window=2)), None, TOY, 8)
     full = 8 * 1152 + 32 * 36
-    kept4 = 4 * 1152 + 32 * 10  # layers 2, 3 on ceil(0.5 * 8) = 4 tokens
+    kept6 = 6 * 1152 + 32 * 21  # layers 2, 3 on ceil(0.5 * 8) + window 2 = 6 tokens (21 causal pairs)
     scoring = 2 * 2 * 4 * 2 * 8  # 2 H Dh w N
-    assert p.prefill_flops[1] == 2 * full + 2 * kept4 + scoring + 160 == 31008
-    assert p.prefill_speedup == pytest.approx(41632 / 31008)
-    assert p.decode_bytes[1] == (4 * 576 + 80 + 2 * 4 * (8 + 8 + 4 + 4)) * 4
-    assert p.kv_memory_ratio == pytest.approx(24 / 32)
+    assert p.prefill_flops[1] == 2 * full + 2 * kept6 + scoring + 160 == 36320
+    assert p.prefill_speedup == pytest.approx(41632 / 36320)
+    assert p.decode_bytes[1] == (4 * 576 + 80 + 2 * 4 * (8 + 8 + 6 + 6)) * 4
+    assert p.kv_memory_ratio == pytest.approx(28 / 32)
     assert p.ideal["tsp_speedup_linear"] == pytest.approx(1 / (2 / 4 + 2 / 4 * 0.5))
 
 
 def test_kv_compression_by_hand():
     p = predict(spec(**snapkv(0.25, window=1)), None, TOY, 8)
-    assert p.kv_memory_ratio == pytest.approx(2 / 8)  # ceil(0.25 * 8) = 2 entries per layer
-    assert p.decode_bytes[1] == (4 * 576 + 80 + 4 * 2 * 4 * 2) * 4
+    assert p.kv_memory_ratio == pytest.approx(3 / 8)  # ceil(0.25 * 8) = 2 entries + the window of 1 per layer
+    assert p.decode_bytes[1] == (4 * 576 + 80 + 4 * 2 * 4 * 3) * 4
     assert p.prefill_flops[1] == 41632 + 4 * (2 * 2 * 4 * 1 * 8)  # scoring by 1 window query per layer
 
 
@@ -143,22 +143,25 @@ def test_block_sparse_pairs_equal_a_block_count(nb, block, t):
 def test_kept_matches_the_runtime_count():
     from accelc.ops import kept_count
 
-    for n, keep, window in [(10, 0.2, 8), (100, 0.2, 8), (5, 0.5, 8), (100, 30, 8), (100, 3, 8), (7, 1.0, 2)]:
+    for n, keep, window, floor in [(10, 0.2, 8, 0), (100, 0.2, 8, 0), (5, 0.5, 8, 0), (100, 30, 8, 0), (100, 3, 8, 0),
+                                   (7, 1.0, 2, 0), (100, 0.1, 8, 40), (1000, 0.1, 8, 40), (30, 0.1, 8, 40)]:
         frac, budget = (1.0, keep) if isinstance(keep, int) else (keep, 0)
-        ref = int(kept_count(torch.tensor([n]), frac, budget, window)[0])
-        assert kept(sp.Integer(n), keep, window) == ref
+        ref = int(kept_count(torch.tensor([n]), frac, budget, window, floor=floor)[0])
+        assert kept(sp.Integer(n), keep, window, floor) == ref
+    # the floor lifts short prompts only: 10% of 100 -> 40 (+ 8), 10% of 1000 = 100 (+ 8), 30 -> all
+    assert [int(kept_count(torch.tensor([n]), 0.1, 0, 8, floor=40)[0]) for n in (100, 1000, 30)] == [48, 108, 30]
 
 
 # ------------------------------------------------------------------------------- exact TSP formula
 def test_tsp_formula_matches_predict_and_its_linear_limit():
-    n, layer, r = 2000, 15, 0.2  # r*N = 400 >= window: no floor
+    n, layer, r = 2000, 15, 0.2  # 400 top tokens + the window of 8
     p = predict(spec(**tsp(layer, r)), None, SMOL, n)
     dims = Dims.from_config(SMOL)
-    ideal = float(tsp_speedup(layer, sp.Rational(1, 5), n).subs(dims.values()))
+    ideal = float(tsp_speedup(layer, sp.Rational(1, 5), n, 8).subs(dims.values()))
     scoring = 2 * 9 * 64 * 8 * n
     assert p.prefill_flops[1] - scoring == pytest.approx(p.prefill_flops[0] / ideal, rel=1e-12)
     assert p.ideal["tsp_speedup_ideal"] == pytest.approx(ideal)
-    no_attention_no_head = tsp_speedup().subs({DH_: 0, V_: 0})
+    no_attention_no_head = tsp_speedup(w=0).subs({DH_: 0, V_: 0})  # the linear limit has no window
     assert sp.simplify(no_attention_no_head - tsp_speedup_linear()) == 0
 
 
@@ -198,8 +201,8 @@ def test_covering_settings_change_nothing_but_overheads():
 def test_pyramidkv_budgets_average_to_the_requested_keep():
     snap = predict(spec(**snapkv(0.1)), None, SMOL, 8192)
     pyr = predict(spec(**snapkv(0.1, method="pyramidkv")), None, SMOL, 8192)
-    assert snap.kv_memory_ratio == pytest.approx(0.1, abs=1e-3)
-    assert pyr.kv_memory_ratio == pytest.approx(0.1, abs=2e-3)  # per-layer ceil rounding
+    assert snap.kv_memory_ratio == pytest.approx((820 + 8) / 8192, abs=1e-6)  # ceil(0.1 N) + the window
+    assert pyr.kv_memory_ratio == pytest.approx((820 + 8) / 8192, abs=2e-3)  # per-layer ceil rounding
 
 
 # ------------------------------------------------------------------------------- monotonicity

@@ -287,6 +287,13 @@ BAD = [
      "x.yaml:5: decode.speculative.ngram_min", ("ngram_min 4 exceeds ngram_max 3",), ()),
     ("accelc: 1\ndecode:\n  speculative: {draft: token_recycling, verify: tree}\n", "x.yaml:3: decode.speculative.verify",
      ("'tree' is not one of token, block",), ()),
+    # min_keep floors a fraction only
+    ("accelc: 1\nkv_cache:\n  compression: {method: snapkv, keep: 256, min_keep: 64}\n",
+     "x.yaml:3: kv_cache.compression.min_keep", ("min_keep 64 only applies to a fractional keep",), ("keep as a fraction",)),
+    ("accelc: 1\nprefill:\n  token_selection: {layer: 3, keep: 100, min_keep: 8}\n",
+     "x.yaml:3: prefill.token_selection.min_keep", ("min_keep 8 only applies to a fractional keep",), ("drop min_keep",)),
+    ("accelc: 1\nprefill:\n  token_selection: {layer: 3, keep: 0.2, min_keep: -1}\n",
+     "x.yaml:3: prefill.token_selection.min_keep", ("must be >= 0, got -1",), ()),
     # checks
     ("accelc: 1\nchecks:\n  - {metric: prefil_speedup, min: 1}\n", "x.yaml:3: checks[0].metric",
      ("'prefil_speedup' is not one of",), ("did you mean 'prefill_speedup'?",)),

@@ -74,7 +74,7 @@ def test_tsp_select_keeps_top_k_of_reference_score_and_the_window(B, kv, group, 
     scores = ref_scores(qw, k, n, 0.3, kernel, pooling).sum(1)
     for b in range(B):
         nb, c = int(n[b]), int(count[b])
-        assert c == min(nb, max(math.ceil(keep * nb), min(W, nb)))
+        assert c == min(nb, math.ceil(keep * nb) + min(W, nb))  # the top fraction plus the window
         kept = idx[b, :c].tolist()
         assert kept == sorted(kept) and len(set(kept)) == c and all(0 <= i < nb for i in kept)
         assert set(range(max(0, nb - W), nb)) <= set(kept)                      # window always kept
@@ -133,13 +133,29 @@ def test_batch_equals_each_prompt_alone_and_memory_shrinks(tiny, base, spec):
     assert batch.stats["kv_cache_bytes_after_prefill"] < full.stats["kv_cache_bytes_after_prefill"]
 
 
+def test_min_keep_floors_short_prompts_only(tiny):
+    """min_keep: at least that many top entries (+ the window) per layer, for TSP and compression."""
+    spec = _spec(tsp={"layer": 1, "keep": 0.1, "min_keep": 30, "window": 4},
+                 comp={"method": "snapkv", "keep": 0.1, "min_keep": 20, "window": 4})
+    cm = accelc.compile(tiny, spec)
+    for n, propagated, cached in ((100, 34, 24), (400, 44, 44)):
+        cache = cm.engine.new_cache(1, n)
+        ids = torch.tensor([[3 + (i % 200) for i in range(n)]])
+        cm.engine.step(cache, ids, torch.arange(n)[None], torch.tensor([n]), torch.tensor([[n - 1]]), prefill=True)
+        lens = [int(cache.lens[i]) for i in cache.layers]
+        # layers <= 1: 10% of n (at least 20) + 4 cached; layers > 1 hold the propagated 10% (at least 30) + 4,
+        # compressed to at most 10% of the prompt (at least 20) + 4
+        assert lens[:2] == [cached, cached]
+        assert all(l == min(propagated, cached) for l in lens[2:]), (n, lens)
+
+
 def test_kv_memory_shrinks_in_proportion_to_keep(tiny, base):
     prompt = [list(range(3, 203))]
     full = base.generate(prompt, max_new_tokens=1).stats["kv_cache_bytes_after_prefill"]
     for keep in (0.5, 0.25, 0.1):
         cm = accelc.compile(tiny, _spec(comp={"method": "snapkv", "keep": keep}))
         got = cm.generate(prompt, max_new_tokens=1).stats["kv_cache_bytes_after_prefill"]
-        assert got == pytest.approx(full * math.ceil(keep * 200) / 200, rel=1e-6)
+        assert got == pytest.approx(full * (math.ceil(keep * 200) + 8) / 200, rel=1e-6)  # + the default window of 8
 
 
 def _eager_tsp_last_logits(model, ids, L, keep, window, kernel, pooling):
@@ -161,7 +177,7 @@ def _eager_tsp_last_logits(model, ids, L, keep, window, kernel, pooling):
     h = layer(h, position_embeddings=(cos, sin), attention_mask=None)
     W = min(window, n)
     scores = ref_scores(q[:, :, n - W:], k, torch.tensor([n]), att.scaling, kernel, pooling).sum(1)[0, :n]
-    c = min(n, max(math.ceil(keep * n), W))
+    c = min(n, math.ceil(keep * n) + W)
     kept = sorted(sorted(range(n), key=lambda j: (-scores[j].item(), j))[:c])
     idx = torch.tensor(kept)
     h, cos, sin = h[:, idx], cos[:, idx], sin[:, idx]
