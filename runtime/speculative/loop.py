@@ -351,6 +351,7 @@ class _Run:
     eos_ids: set[int]
     stop: Sequence[str]
     on_token: Callable[[int, int], None] | None
+    modeled: bool = False  # learn from modeled costs instead of the clock (seeded sampling)
 
 
 # ---------------------------------------------------------------------------------- the engine
@@ -425,6 +426,7 @@ class SpeculativeEngine(Engine):
             chooser=learned.chooser, calibrated=learned.calibrated, recycler=learned.recycler, draft_cost=learned.draft_cost,
             stats=SpecStats(self.sp.draft, self.sp.gamma_max), cost=learned.costs.setdefault(B, VerifyCost()),
             eos_ids=set(self.info.eos_token_ids) if eos else set(), stop=stop, on_token=on_token,
+            modeled=not sampling.greedy and sampling.seed is not None,
         )
         t0 = time.perf_counter()
         cache, rows, logits = self._prefill(prompts, max_new_tokens, st.recycler)
@@ -508,16 +510,18 @@ class SpeculativeEngine(Engine):
             width = int(proposed.max()) if proposed.numel() else 0
             forward_width = width + 1
         t2 = time.perf_counter()
-        self._learn(st, proposed, res_acc, active, layer, keys, width, forward_width, t1 - t0, t2 - t1, depth > 0)
+        st.stats.draft_s += t1 - t0
+        st.stats.verify_s += t2 - t1
+        draft_s, verify_s = (t1 - t0, t2 - t1) if not st.modeled else self._modeled_costs(layer, width, forward_width)
+        self._learn(st, proposed, res_acc, active, layer, keys, width, forward_width, draft_s, verify_s, depth > 0)
         self._commit(rows, tokens, res_acc + 1, st)
         cache.evict()
 
     def _learn(self, st: _Run, proposed: torch.Tensor, accepted: torch.Tensor, active: torch.Tensor, layer: int | None,
                keys: torch.Tensor | None, width: int, forward_width: int, draft_s: float, verify_s: float, tree: bool) -> None:
         """Feed one verified step to the statistics, the cost model and the adaptive policies
-        (keys: the :class:`CalibratedGamma` bucket of each row, None when nothing was drafted)."""
-        st.stats.draft_s += draft_s
-        st.stats.verify_s += verify_s
+        (keys: the :class:`CalibratedGamma` bucket of each row, None when nothing was drafted;
+        draft_s / verify_s: measured seconds, or modeled ones, see :meth:`_modeled_costs`)."""
         st.cost.observe(forward_width, verify_s)
         drafted = max(1, width)
         proposed = torch.where(active, proposed, 0)
@@ -537,6 +541,35 @@ class SpeculativeEngine(Engine):
             st.chooser.update(layer, proposed, accepted, draft_s / drafted)
             st.stats.exit_trace.append(layer)
         st.stats.record(proposed, accepted, active, width)
+
+    # A verification forward of w tokens costs about 1 + VERIFY_SLOPE (w - 1) decode steps with the
+    # native CPU linear kernel (measured: 9 tokens ~ 1.5 steps); the model stands in for the clock
+    # when a seed must reproduce a sampled generation.
+    VERIFY_SLOPE = 0.06
+
+    def _modeled_costs(self, layer: int | None, width: int, forward_width: int) -> tuple[float, float]:
+        """(draft, verification) cost of one step in decode-step units, without a clock.
+
+        Sampled generation with a seed must give the same tokens every time, but the adaptive
+        policies (gamma, exit layer) choose from the costs they observe, and measured seconds differ
+        from run to run.  Seeded sampling therefore learns from this deterministic model instead:
+        verification ``1 + VERIFY_SLOPE (w - 1)``; an early-exit draft token the weight share of its
+        first ``layer`` layers plus the LM head (:meth:`_exit_share`); model-free drafts nothing.
+        """
+        verify = 1.0 + self.VERIFY_SLOPE * max(0, forward_width - 1)
+        draft = self._exit_share(layer) * width if layer is not None else 0.0
+        return draft, verify
+
+    def _exit_share(self, layer: int) -> float:
+        """Weights read by a draft step exiting after ``layer`` layers / weights of a full step."""
+        if not hasattr(self, "_shares"):
+            model = self.cm.model
+            decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+            per_layer = [sum(p.numel() for p in blk.parameters()) for blk in decoder.layers]
+            head = model.get_output_embeddings().weight.numel()
+            total = sum(per_layer) + head
+            self._shares = {k: (sum(per_layer[:k]) + head) / total for k in range(len(per_layer) + 1)}
+        return self._shares[layer]
 
     # ------------------------------------------------------------------ drafting
     def _keep_mask(self, policy: GammaPolicy, step: int, probs: torch.Tensor | None, batch: int) -> torch.Tensor:
