@@ -10,6 +10,8 @@ Suites registered into :data:`accelc.bench.SUITES` on import (``accelc.bench`` l
   and the spec's speculative engine.  Reports decode tokens/s, whether the spec's tokens equal the
   baseline's, tokens per step (acceptance length, SPEED-Bench's headline number) and the
   acceptance per draft position (``series["acceptance_per_position"]``, drawn as a PNG).
+* ``spec_gamma`` -- the spec's drafter under every gamma policy (fixed gammas, heuristic, adaptive)
+  side by side against plain greedy; ``adaptive_vs_best_fixed`` in the summary.
 * ``spec_exit`` -- for early-exit self-speculation: per exit layer k, the top-1 agreement of the
   exit head (plain and calibrated) with the full model on the model's own greedy continuations of
   the same prompts (the per-token acceptance at T = 0), the measured draft cost per token relative
@@ -347,5 +349,73 @@ def _layer_costs(loaded, ids: list[int], layers: list[int], repeats: int, progre
     return verify, draft
 
 
+# ------------------------------------------------------------------------------------------ gamma policies
+def suite_spec_gamma(cm, base_cm, loaded, report: BenchReport, *, gammas=(1, 2, 3, 4, 6, 8), humaneval: int = 10,
+                     chat: int = 0, new_tokens: int = 128, repeats: int = 1, progress: Progress = None) -> None:
+    """The spec's drafter under every gamma policy side by side: each fixed gamma (up to gamma_max),
+    ``heuristic`` and ``adaptive``, against plain greedy, on the same prompts, interleaved.
+
+    Reports tokens/s per policy (total tokens / total decode seconds over the prompts), tokens per
+    step, and ``adaptive_vs_best_fixed``: adaptive's throughput over the best fixed gamma's, the
+    number the "adaptive gamma needs no tuning" claim rests on.  Every policy's tokens must equal
+    plain greedy's (``identical_tokens``).
+    """
+    import accelc
+
+    sp = cm.spec.decode.speculative if cm.spec.decode else None
+    if sp is None:
+        raise AccelcError("bench --suite spec_gamma", "the spec has no decode.speculative", "use e.g. specs/lookup.yaml")
+    fixed = [g for g in gammas if 1 <= int(g) <= sp.gamma_max]
+    if not fixed:
+        raise AccelcError("bench --set gammas", f"no gamma in {list(gammas)} is within 1..gamma_max={sp.gamma_max}",
+                          f"give gammas between 1 and {sp.gamma_max}")
+    policies: list[int | str] = [*fixed, "heuristic", "adaptive"]
+    engines = {"greedy": base_cm.engine}
+    for g in policies:
+        if progress:
+            progress(f"spec_gamma: compiling gamma={g}")
+        d = cm.spec.to_dict()
+        d["decode"]["speculative"]["gamma"] = g
+        engines[f"gamma={g}"] = accelc.compile(loaded, accelc.load_spec(d)).engine
+    groups = _prompts(loaded, humaneval, chat)
+    prompts = [ids for group in groups.values() for ids in group]
+    warm = prompts[0][:32]
+    for eng in engines.values():
+        eng.generate([warm], max_new_tokens=8, eos=False)
+    pairs: dict[str, list[tuple[float, float]]] = {name: [] for name in engines}
+    steps: dict[str, list[float]] = {name: [] for name in engines}
+    same = True
+    for i, ids in enumerate(prompts):
+        if progress:
+            progress(f"spec_gamma: prompt {i + 1}/{len(prompts)}")
+        tokens: dict[str, list[int]] = {}
+        for r in range(repeats):
+            for name in _rotated(list(engines), i + r):
+                toks, rate, st = _engine_rate(engines[name], ids, new_tokens)
+                pairs[name].append((new_tokens - 1, rate))
+                tokens[name] = toks
+                if "speculative" in st:
+                    steps[name].append(st["speculative"]["tokens_per_step"])
+        same &= all(t == tokens["greedy"] for t in tokens.values())
+    rates = {name: _throughput(v) for name, v in pairs.items()}
+    report.columns = ["tok_s", "vs_greedy", "tokens_per_step"]
+    report.x_label = "gamma policy"
+    for name in engines:
+        report.add_row(name, {"tok_s": rates[name], "vs_greedy": rates[name] / rates["greedy"],
+                              "tokens_per_step": statistics.mean(steps[name]) if steps[name] else 1.0}, x=None)
+    best_name = max((f"gamma={g}" for g in fixed), key=lambda n: rates[n])
+    ratio = rates["gamma=adaptive"] / rates[best_name]
+    report.add_metric("spec_speedup", rates["gamma=adaptive"] / rates["greedy"], baseline=1.0)
+    report.add_metric("identical_tokens", same)
+    report.summary["adaptive_vs_best_fixed"] = [{"x": None, "value": ratio, "baseline": 1.0, "predicted": None}]
+    report.plots = [Plot("spec_gamma.png", f"{sp.draft}: decode tokens/s per gamma policy", kind="bar", x=None,
+                         y=["tok_s"], ylabel="tokens/s")]
+    report.notes.append(
+        f"{sp.draft}, verify={sp.verify}, gamma_max={sp.gamma_max}; {len(prompts)} prompts x {new_tokens} greedy tokens "
+        f"(EOS ignored), policies interleaved in a rotating order; best fixed: {best_name} ({rates[best_name]:.2f} tok/s); "
+        f"adaptive / best fixed = {ratio:.3f}; every policy's tokens equal plain greedy's: {same}")
+
+
 SUITES["spec"] = suite_spec
 SUITES["spec_exit"] = suite_spec_exit
+SUITES["spec_gamma"] = suite_spec_gamma

@@ -207,3 +207,26 @@ def test_decode_suite_reports_speculation_and_draws_acceptance_per_position(tiny
     paths = write_report(rep, tmp_path)
     assert tmp_path / "decode_acceptance.png" in paths
     assert_png(tmp_path / "decode_acceptance.png")
+
+
+def test_spec_suites_compare_against_plain_greedy_on_humaneval_prompts(tiny, tmp_path):
+    """``--suite spec`` and ``--suite spec_gamma`` on the tiny model: lossless rows, a gamma policy
+    per row, adaptive compared with the best fixed gamma, plots written."""
+    import accelc
+
+    spec = accelc.load_spec({"accelc": 1, "decode": {"speculative": {"draft": "prompt_lookup", "gamma": "adaptive", "gamma_max": 4}}})
+    ctx = BenchContext(accelc.compile(tiny, spec), accelc.compile(tiny, accelc.load_spec({"accelc": 1})), tiny, "lookup.yaml", "identity")
+    rep = run_suite(ctx, "spec", humaneval=2, chat=0, new_tokens=8, hf=False)
+    assert [r["setting"] for r in rep.rows] == ["humaneval/0", "humaneval/1", "humaneval (all)"]
+    assert all(r["spec_eq_baseline"] is True for r in rep.rows)
+    assert rep.summary["identical_tokens"][0]["value"] is True and rep.summary["accepted_length"][0]["value"] >= 1.0
+    gam = run_suite(ctx, "spec_gamma", gammas=(1, 2, 9), humaneval=2, new_tokens=8)
+    assert [r["setting"] for r in gam.rows] == ["greedy", "gamma=1", "gamma=2", "gamma=heuristic", "gamma=adaptive"]
+    rates = {r["setting"]: r["tok_s"] for r in gam.rows}
+    best = max(rates["gamma=1"], rates["gamma=2"])
+    assert gam.summary["adaptive_vs_best_fixed"][0]["value"] == pytest.approx(rates["gamma=adaptive"] / best)
+    assert gam.summary["identical_tokens"][0]["value"] is True
+    paths = write_report(gam, tmp_path)
+    assert_png(tmp_path / "spec_gamma.png") and tmp_path / "spec_gamma.png" in paths
+    with pytest.raises(AccelcError, match="no gamma"):
+        run_suite(ctx, "spec_gamma", gammas=(9,), humaneval=1, new_tokens=4)
