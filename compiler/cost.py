@@ -24,6 +24,8 @@ What each spec section changes (the same rules the passes implement):
 * **KV compression** (SnapKV, Li et al. 2024; PyramidKV, Cai et al. 2024): a compressed layer stores
   ``k_j(n_j)`` of its ``n_j`` tokens (the top ones plus the window); PyramidKV's per-layer keeps decrease
   linearly with depth and average to the requested one (``accelc.passes.kv_compress.layer_keeps``).
+* **sliding-window layers** (the model's own, e.g. Gemma 3's local layers): a query sees
+  ``min(i+1, window)`` keys; the cache keeps every entry, a decode step reads the last ``window``.
 * **streaming heads** (StreamingLLM, Xiao et al. 2024; DuoAttention): a query sees ``min(i+1, s)``
   keys with ``s = sink + local``; a KV head whose query heads all stream stores and reads ``min(n, s)``.
 * **block-sparse prefill** (MInference, Jiang et al. 2024): each query block attends to at most
@@ -180,6 +182,7 @@ class Dims:
     intermediate: int
     vocab: int
     dtype_bytes: int = 4
+    windows: tuple[int, ...] = ()  # per layer: sliding-window size, 0 for full attention
 
     @classmethod
     def from_config(cls, config: Any, info: Any = None) -> "Dims":
@@ -196,6 +199,7 @@ class Dims:
             intermediate=int(config.intermediate_size),
             vocab=int(config.vocab_size),
             dtype_bytes=int(dtype_bytes),
+            windows=_windows(config),
         )
 
     def values(self) -> dict[sp.Symbol, int]:
@@ -203,6 +207,16 @@ class Dims:
         base = {L_: self.n_layers, D_: self.hidden, H_: self.heads, HKV_: self.kv_heads, DH_: self.head_dim,
                 I_: self.intermediate, V_: self.vocab, E_: self.dtype_bytes}
         return {**base, P_: LINEAR_FLOPS.xreplace(base), W_: LAYER_WEIGHTS.xreplace(base)}
+
+
+def _windows(config: Any) -> tuple[int, ...]:
+    """Per layer, the sliding window the model attends through (0: full causal attention)."""
+    from accelc.capture import attention_windows
+
+    try:
+        return tuple(w or 0 for w in attention_windows(config))
+    except AccelcError:
+        return ()
 
 
 # ---------------------------------------------------------------------------------- the spec, per layer
@@ -220,6 +234,7 @@ class _LayerPlan:
     stream_kv: float = 0.0  # fraction of KV heads whose whole group streams (decode bytes, memory)
     block: tuple[int, int] | None = None  # (block size, key blocks per query block)
     quest: tuple[int, int] | None = None  # (page, top_pages)
+    window: int = 0  # sliding-window layer (Gemma 3 local layers, Mistral v0.1): keys within the window
 
 
 def _stream_fractions(heads: Any, n_heads: int, n_kv: int) -> tuple[float, float, Optional[str]]:
@@ -253,6 +268,9 @@ def _plan(spec: Any, dims: Dims) -> tuple[list[_LayerPlan], list[str]]:
         layers = kc.layers.resolve(n, where="kv_cache.compression.layers")
         for j, keep in zip(layers, layer_keeps(kc.method, kc.keep, len(layers))):
             fields[j].update(compress_keep=keep, compress_window=kc.window, compress_floor=kc.min_keep)
+    for j, w in enumerate(dims.windows[:n]):
+        if w:
+            fields[j]["window"] = w
     for entry in spec.attention.sparse if spec.attention else []:
         for j in entry.layers.resolve(n, where="attention.sparse.layers"):
             if entry.method == "streaming":
@@ -291,7 +309,10 @@ def _layer_cost(p: _LayerPlan, n: sp.Expr, ts: Any) -> _LayerCost:
 
 def _prefill_flops(p: _LayerPlan, n: sp.Expr, tokens: sp.Expr, full: sp.Expr, ts: Any) -> sp.Expr:
     """Projections and attention over the layer's ``tokens``, plus any selection's scoring."""
-    pairs = block_sparse_pairs(tokens, *p.block) if p.block else causal_pairs(tokens)
+    if p.window:  # a query sees the keys of the last `window` positions
+        pairs = streaming_pairs(tokens, p.window)
+    else:
+        pairs = block_sparse_pairs(tokens, *p.block) if p.block else causal_pairs(tokens)
     if p.stream_span is not None:
         q = _rational(p.stream_q)
         pairs = (1 - q) * pairs + q * streaming_pairs(tokens, p.stream_span)
@@ -308,6 +329,8 @@ def _prefill_flops(p: _LayerPlan, n: sp.Expr, tokens: sp.Expr, full: sp.Expr, ts
 def _kv_tokens(p: _LayerPlan, full: sp.Expr) -> tuple[sp.Expr, sp.Expr]:
     """(stored, read per decode step) KV token-equivalents per KV head, of ``full`` cached tokens."""
     read, meta = full, sp.Integer(0)
+    if p.window:  # the cache keeps every entry; a decode step reads the window's
+        read = sp.Min(full, p.window)
     if p.quest:
         page, top = p.quest
         meta = sp.ceiling(full / page)  # key min/max per page = one token of K+V
@@ -433,7 +456,7 @@ def predict(spec: Any, info: Any, config: Any, seq_len: int, context: int | None
     dims = Dims.from_config(config, info)
     plans, notes = _plan(spec, dims)
     ts = spec.prefill.token_selection if spec.prefill else None
-    base_plans = [_LayerPlan()] * dims.n_layers
+    base_plans = [_LayerPlan(window=w) for w in (dims.windows or (0,) * dims.n_layers)]  # the model's own windows
     pf_b, _, _ = _totals(base_plans, None, N)
     pf_s, _, _ = _totals(plans, ts, N)
     _, kv_b, dec_b = _totals(base_plans, None, C)

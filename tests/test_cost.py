@@ -78,6 +78,19 @@ def test_token_selection_by_hand():
     assert p.ideal["tsp_speedup_linear"] == pytest.approx(1 / (2 / 4 + 2 / 4 * 0.5))
 
 
+def test_sliding_window_layers_by_hand():
+    """Layers 0 and 2 attend through a window of 3 (Gemma 3 style layer_types): a query sees
+    min(i + 1, 3) keys; decode reads 3 cached entries of those layers and stores all of them."""
+    windowed = SimpleNamespace(**vars(TOY), sliding_window=3, max_position_embeddings=64,
+                               layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"])
+    p = predict(spec(), None, windowed, 8)
+    assert p.prefill_flops[0] == 2 * (8 * 1152 + 32 * 36) + 2 * (8 * 1152 + 32 * 21) + 160  # 21 = 1+2+3*6
+    assert p.decode_bytes[0] == (4 * 576 + 80 + 2 * 4 * (8 + 8 + 3 + 3)) * 4
+    assert p.kv_bytes[0] == predict(spec(), None, TOY, 8).kv_bytes[0]  # the cache keeps every entry
+    wide = SimpleNamespace(**{**vars(windowed), "sliding_window": 64})  # a window as long as the context is full
+    assert predict(spec(), None, wide, 8).prefill_flops == predict(spec(), None, TOY, 8).prefill_flops
+
+
 def test_kv_compression_by_hand():
     p = predict(spec(**snapkv(0.25, window=1)), None, TOY, 8)
     assert p.kv_memory_ratio == pytest.approx(3 / 8)  # ceil(0.25 * 8) = 2 entries + the window of 1 per layer

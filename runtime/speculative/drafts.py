@@ -134,12 +134,14 @@ class PromptLookupDrafter:
         self.ngram_max = ngram_max
         self.ngram_min = ngram_min
 
-    def propose(self, context: torch.Tensor, lengths: torch.Tensor, gamma: int) -> Proposal:
-        """context: (B, T) int64, right-padded; lengths: (B,) int64; gamma >= 0.  Returns a
-        deterministic (B, gamma) :class:`Proposal` (probs None)."""
+    def propose(self, context: torch.Tensor, lengths: torch.Tensor, gamma: int, start: torch.Tensor | None = None) -> Proposal:
+        """context: (B, T) int64, right-padded; lengths: (B,) int64; gamma >= 0; start: (B,) the
+        :meth:`continuation_start` when the caller already has it.  Returns a deterministic
+        (B, gamma) :class:`Proposal` (probs None)."""
         _check_context(context, lengths, gamma)
         lengths = lengths.to(device=context.device, dtype=torch.long)
-        start = self._continuation_start(context, lengths)  # (B,), -1 = no match
+        if start is None:
+            start = self.continuation_start(context, lengths)  # (B,), -1 = no match
         found = start >= 0
         period = (lengths - start).clamp(min=1)  # tokens between the match and the end
         steps = torch.arange(gamma, device=context.device)
@@ -151,7 +153,7 @@ class PromptLookupDrafter:
     def observe(self, tokens: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """Prompt lookup does not learn from logits."""
 
-    def _continuation_start(self, context: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def continuation_start(self, context: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """(B,) int64: index right after the most recent earlier match of the longest matching
         n-gram suffix, -1 where none."""
         batch, total = context.shape

@@ -583,13 +583,13 @@ class SpeculativeEngine(Engine):
         B = rows.pos.shape[0]
         if gamma == 0:
             return Proposal(rows.pos.new_zeros(B, 0), rows.pos.new_zeros(B)), None
-        if st.recycler is not None:
+        if self.lookup is None:
             prop = st.recycler.propose(rows.context, rows.length, gamma)
             keys = torch.ones_like(rows.length)
         else:
-            prop = self.lookup.propose(rows.context, rows.length, gamma)
+            start = self.lookup.continuation_start(rows.context, rows.length)
+            prop = self.lookup.propose(rows.context, rows.length, gamma, start=start)
             # the match behind the proposal, extended backwards (the drafter's own search)
-            start = self.lookup._continuation_start(rows.context, rows.length)
             keys = suffix_match_length(rows.context, rows.length, start)
         limit = torch.minimum(prop.lengths, budget)
         if st.calibrated is not None:
