@@ -246,8 +246,9 @@ def _step_costs(cm, ids: list[int], layers: list[int], widths: range, repeats: i
     def run(graph, names, w):
         cache.restore(snap)
         feeds = cache.inputs()
+        head = {"draft_head_weight": getattr(cm.program.gm, cm.engine.plan["head_weight"])} if "draft_head_weight" in names else {}
         return graph(input_ids=t[:, :w], position_ids=(n + torch.arange(w))[None], q_len=torch.tensor([w]), tree_mask=None,
-                     logits_index=torch.arange(w)[None], **{k: feeds[k] for k in names if k in feeds})
+                     logits_index=torch.arange(w)[None], **head, **{k: feeds[k] for k in names if k in feeds})
 
     main_names = list(cm.program.inputs)
     verify = {w: _time_forward(lambda: run(eng.gm, main_names, w), repeats) for w in widths}

@@ -503,6 +503,9 @@ class EarlyExit(_Draft):
     exit_layer: ExitLayer
     exit_head: Literal["plain", "calibrated"] = Field(
         "plain", description="plain: final norm + lm_head; calibrated: plus a least-squares adapter")
+    draft_vocab: Optional[int] = Field(
+        None, ge=1, description="score drafts over the draft_vocab lowest token ids (BPE merge order: the most "
+                                "frequent) plus the tokens of the context instead of the whole vocabulary: an int >= 1 or null")
 
 
 class PromptLookup(_Draft):

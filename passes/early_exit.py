@@ -1,36 +1,43 @@
 """early_exit: the pass serving ``decode.speculative`` -- exit heads for self-speculative drafts.
 
-For ``draft: early_exit`` it adds a draft graph per exit layer k to ``program.graphs``: a copy of
-the finished main graph cut after layer k, with the final norm and the LM head applied to the
-residual stream there (LayerSkip, Elhoushi et al. 2024, "LayerSkip: Enabling Early Exit Inference
-and Self-Speculative Decoding"; DEL, Zarch et al. 2025, for ``exit_layer: adaptive``)::
+For ``draft: early_exit`` it cuts the finished main graph at exit layer k into three graphs
+(LayerSkip, Elhoushi et al. 2024, "LayerSkip: Enabling Early Exit Inference and Self-Speculative
+Decoding"; DEL, Zarch et al. 2025, for ``exit_layer: adaptive``)::
 
-    main graph                                   draft graph "draft" (exit_layer k)
-      h = embed(input_ids)                         h = embed(input_ids)
-      h = layer_0(h, k_cache_0, ...)               h = layer_0(h, k_cache_0, ...)
-      ...                                          ...
-      h = layer_{n-1}(h, k_cache_{n-1}, ...)       h = layer_{k-1}(h, k_cache_{k-1}, ...)
-                                                   [h = rmsnorm_1(h) @ A + b]        # exit_head: calibrated
-      logits = lm_head(gather(norm(h), logits_index))   logits = lm_head(gather(norm(h), logits_index))
+    main graph                           "draft" (k)                           "tail" (k)
+      h = embed(input_ids)                 h = embed(input_ids)                  h = exit_hidden   (input)
+      h = layer_0(h, k_cache_0, ...)       h = layer_0(h, k_cache_0, ...)        h = layer_k(h, k_cache_k, ...)
+      ...                                  ...                                   ...
+      h = layer_{n-1}(h, ...)              h = layer_{k-1}(h, ...)  -> exit_h    h = layer_{n-1}(h, ...)
+                                           [x = rmsnorm_1(h) @ A + b]            # exit_head: calibrated
+      logits = lm_head(gather(norm(h)))    logits = gather(norm(x)) @ draft_head_weight^T
+                                           returns (logits, exit_h)              logits = lm_head(gather(norm(h)))
 
-Contract of a draft graph (documented choice): its inputs are the main graph's inputs *minus* the
-cache inputs of layers >= k, which are removed (``program.meta["speculative"]["inputs"][name]``
-lists them, in order).  It reads and writes the *same* cache tensors as the main graph for layers
-< k: drafting writes the draft tokens' entries of those layers, the runtime resets the lengths
-afterwards, and the verification forward recomputes and overwrites them.
+and "lower" (k), the draft graph without its head (returns exit_h only).  A speculative step runs
+the draft graph once per drafted token and the tail graph once over all of them: the layers below
+the exit are computed once per token, by the draft, and *reused* by the verification (their cache
+entries are exactly what the full model writes).  The draft head reads the rows of the LM head
+that the runtime passes as ``draft_head_weight``: all of them, or with ``draft_vocab: K`` the K
+most frequent tokens plus the context's (a head 49152 x 576 is a fifth of SmolLM2's weights).
 
-``exit_layer: adaptive`` builds one graph ``draft_<k>`` per candidate layer (about 1/8, 1/4, 3/8
-and 1/2 of the depth); the runtime picks among them from the acceptance it observes.
-``exit_head: calibrated`` inserts a linear adapter fitted at compile time by least squares on the
-model's own hidden states (:mod:`accelc.runtime.speculative.calibrate`, cached on disk).
+Contract (documented choice): each graph's inputs are the main graph's inputs that it still uses
+(``program.meta["speculative"]["inputs"][name]`` lists them, in order): the draft and lower graphs
+read and write the caches of layers < k only, the tail graph those of layers >= k plus
+``exit_hidden``; rollback resets every layer's lengths as for any verification.
+
+``exit_layer: adaptive`` builds the three graphs per candidate layer (about 1/8, 1/4, 3/8 and 1/2
+of the depth; named ``draft_<k>``, ``lower_<k>``, ``tail_<k>``); the runtime picks among them from
+the acceptance it observes.  ``exit_head: calibrated`` inserts a linear adapter fitted at compile
+time by least squares on the model's own hidden states
+(:mod:`accelc.runtime.speculative.calibrate`, cached on disk).
 
 For ``prompt_lookup`` and ``token_recycling`` drafts there is nothing to rewrite: the drafters are
 model-free and the main graph already verifies chains and trees (``tree_mask``).  The pass then
 records the speculative plan in ``program.meta["speculative"]`` and reports one match (the plan)
 with a note saying so.
 
-The pass runs in the ``finalize`` stage after ``select_logits`` and ``pack_linear``, so a draft
-graph shares the packed weights (and the LM head) of the main graph instead of packing its own
+The pass runs in the ``finalize`` stage after ``select_logits`` and ``pack_linear``, so the cut
+graphs share the packed weights (and the LM head) of the main graph instead of packing their own
 copies; ``lower`` then binds the kernels of every graph.
 """
 from __future__ import annotations
@@ -42,8 +49,9 @@ import torch.fx as fx
 
 from accelc.capture import layer_of
 from accelc.errors import AccelcError
-from accelc.fx_utils import call
+from accelc.fx_utils import add_placeholder, call
 from accelc.pass_manager import Outcome, Pass, PassContext, Program, register_pass
+from accelc.passes.select_logits import lm_head
 
 aten = torch.ops.aten
 
@@ -99,22 +107,44 @@ def _rms(gm: fx.GraphModule, h: fx.Node, like: fx.Node) -> fx.Node:
     return call(gm, aten.mul.Tensor, (h, inv), like=like)
 
 
-def build_draft_graph(main: fx.GraphModule, n_layers: int, exit_layer: int, adapter: Any = None) -> tuple[fx.GraphModule, list[str]]:
+def _copy(main: fx.GraphModule, class_name: str) -> fx.GraphModule:
+    g = fx.Graph()
+    g.output(g.graph_copy(main.graph, {}))
+    return fx.GraphModule(main, g, class_name=class_name)
+
+
+def _finish(gm: fx.GraphModule) -> list[str]:
+    names = _prune(gm.graph)
+    gm.graph.lint()
+    gm.recompile()
+    gm.delete_all_unused_submodules()
+    return names
+
+
+def build_draft_graph(main: fx.GraphModule, n_layers: int, exit_layer: int, adapter: Any = None,
+                      head: bool = True) -> tuple[fx.GraphModule, list[str]]:
     """A draft graph exiting after ``exit_layer`` layers (module docstring); returns (graph, input names).
 
     main: the finished main graph (its final norm reads the residual stream leaving layer
     n_layers - 1); adapter: an :class:`~accelc.runtime.speculative.calibrate.ExitAdapter` or None.
+    head=True: outputs ``(logits, exit_hidden)``, the logits over the rows of the graph input
+    ``draft_head_weight`` (and ``draft_head_bias`` when the LM head has a bias) at
+    ``logits_index``; head=False (the ``lower`` graph): outputs ``exit_hidden`` only.
     """
     if not 1 <= exit_layer < n_layers:
         raise AccelcError("pass early_exit", f"exit layer {exit_layer} is out of range", f"use 1..{n_layers - 1}")
-    g = fx.Graph()
-    g.output(g.graph_copy(main.graph, {}))
-    final = layer_output(g, n_layers - 1)
+    gm = _copy(main, "AccelcDraft" if head else "AccelcLower")
+    g = gm.graph
+    out = g.output_node()
     exit_h = layer_output(g, exit_layer - 1)
+    if not head:
+        out.args = (exit_h,)
+        return gm, _finish(gm)
+    final = layer_output(g, n_layers - 1)
     heads = [u for u in final.users if u.op != "output" and layer_of(u) is None]
-    if not heads:
-        raise AccelcError("pass early_exit", "found no final norm reading the last layer's output", "unsupported model head")
-    gm = fx.GraphModule(main, g, class_name="AccelcDraft")
+    linear = lm_head(out.args[0], packed=True)
+    if not heads or linear is None:
+        raise AccelcError("pass early_exit", "found no final norm + LM head reading the last layer's output", "unsupported model head")
     source = exit_h
     if adapter is not None:
         gm.register_buffer("_exit_adapter_w", adapter.weight.to(exit_h.meta["val"].dtype), persistent=False)
@@ -126,15 +156,30 @@ def build_draft_graph(main: fx.GraphModule, n_layers: int, exit_layer: int, adap
             source = call(gm, aten.add.Tensor, (call(gm, aten.matmul.default, (scaled, w), like=exit_h), b), like=exit_h)
     for u in heads:
         u.replace_input_with(final, source)
-    names = _prune(g)
-    g.lint()
-    gm.recompile()
-    gm.delete_all_unused_submodules()
-    return gm, names
+    weight = linear.args[1]
+    linear.replace_input_with(weight, add_placeholder(gm, "draft_head_weight", weight.meta.get("val")))
+    if len(linear.args) > 2 and isinstance(linear.args[2], fx.Node):
+        bias = linear.args[2]
+        linear.replace_input_with(bias, add_placeholder(gm, "draft_head_bias", bias.meta.get("val")))
+    out.args = ((out.args[0], exit_h),)
+    return gm, _finish(gm)
 
 
-def _graph_name(exit_layer: int, adaptive: bool) -> str:
-    return f"draft_{exit_layer}" if adaptive else "draft"
+def build_tail_graph(main: fx.GraphModule, n_layers: int, exit_layer: int) -> tuple[fx.GraphModule, list[str]]:
+    """The main graph from layer ``exit_layer`` on: the residual stream entering that layer is the
+    graph input ``exit_hidden`` (B, S, C) (what the draft graph computed); outputs the logits.
+    Returns (graph, input names): the embedding and the layers below are gone, with their caches."""
+    if not 1 <= exit_layer < n_layers:
+        raise AccelcError("pass early_exit", f"exit layer {exit_layer} is out of range", f"use 1..{n_layers - 1}")
+    gm = _copy(main, "AccelcTail")
+    exit_h = layer_output(gm.graph, exit_layer - 1)
+    entry = add_placeholder(gm, "exit_hidden", exit_h.meta.get("val"))
+    exit_h.replace_all_uses_with(entry)
+    return gm, _finish(gm)
+
+
+def _graph_name(exit_layer: int, adaptive: bool, kind: str = "draft") -> str:
+    return f"{kind}_{exit_layer}" if adaptive else kind
 
 
 @register_pass
@@ -166,14 +211,24 @@ class EarlyExit(Pass):
             adapters, hit = exit_adapters(ctx.model, layers, getattr(ctx, "tokenizer", None))
             notes.append("calibrated exit heads " + ("loaded from the disk cache" if hit else "fitted now")
                          + ": " + ", ".join(f"layer {k} R^2 {adapters[k].r2:.3f}" for k in layers))
-        graphs: dict[int, str] = {}
+        linear = lm_head(program.gm.graph.output_node().args[0], packed=True)
+        head = [a.target if isinstance(a, fx.Node) and a.op == "get_attr" else None for a in linear.args[1:3]] if linear else []
+        if not head or head[0] is None:
+            raise AccelcError("pass early_exit", "the LM head's weight is not a parameter of the graph", "unsupported model head")
+        kinds = {"draft": build_draft_graph, "lower": lambda *a: build_draft_graph(*a, head=False), "tail": build_tail_graph}
+        graphs: dict[str, dict[int, str]] = {kind: {} for kind in kinds}
         inputs: dict[str, list[str]] = {}
         for k in layers:
-            gm, names = build_draft_graph(program.gm, n, k, adapters.get(k))
-            name = _graph_name(k, adaptive)
-            program.graphs[name] = gm
-            graphs[k] = name
-            inputs[name] = names
-        plan.update(exit_layers=layers, graphs=graphs, inputs=inputs, exit_head=sp.exit_head, adaptive=adaptive)
-        notes.insert(0, f"draft graphs {', '.join(graphs.values())} exit after layers {layers} of {n} (final norm + LM head)")
+            for kind, build in kinds.items():
+                gm, names = build(program.gm, n, k, adapters.get(k)) if kind == "draft" else build(program.gm, n, k)
+                name = _graph_name(k, adaptive, kind)
+                program.graphs[name] = gm
+                graphs[kind][k] = name
+                inputs[name] = names
+        plan.update(exit_layers=layers, graphs=graphs["draft"], lower=graphs["lower"], tail=graphs["tail"], inputs=inputs,
+                    exit_head=sp.exit_head, adaptive=adaptive, head_weight=head[0], head_bias=head[1] if len(head) > 1 else None,
+                    draft_vocab=sp.draft_vocab)
+        notes.insert(0, f"draft graphs {', '.join(graphs['draft'].values())} exit after layers {layers} of {n} "
+                        f"(final norm + LM head{' over ' + str(sp.draft_vocab) + ' + context tokens' if sp.draft_vocab else ''}); "
+                        f"verification runs {', '.join(graphs['tail'].values())} from the exit layer on (drafted layers reused)")
         return Outcome(len(layers), tuple(notes))

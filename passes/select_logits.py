@@ -28,13 +28,15 @@ aten = torch.ops.aten
 _ELEMENTWISE = {aten.tanh.default, aten.mul.Tensor, aten.div.Tensor, aten.mul.Scalar, aten.div.Scalar}
 
 
-def lm_head(node: fx.Node) -> fx.Node | None:
-    """The LM head's ``aten.linear`` under ``node`` through a chain of elementwise ops, else None."""
+def lm_head(node: fx.Node, packed: bool = False) -> fx.Node | None:
+    """The LM head's ``aten.linear`` under ``node`` through a chain of elementwise ops, else None
+    (``packed``: also an ``accelc.linear``, the head after ``pack_linear``)."""
     while node.op == "call_function" and node.target in _ELEMENTWISE and len(node.users) == 1:
         if any(isinstance(a, fx.Node) for a in (*node.args[1:], *node.kwargs.values())):
             return None
         node = node.args[0]
-    return node if node.op == "call_function" and node.target is aten.linear.default else None
+    targets = (aten.linear.default, torch.ops.accelc.linear.default) if packed else (aten.linear.default,)
+    return node if node.op == "call_function" and node.target in targets else None
 
 
 @register_pass

@@ -80,9 +80,10 @@ class KVCache:
     def max_len(self) -> int:
         return max(int(t.max()) for t in self.lens.values())
 
-    def ensure(self, extra: int) -> None:
-        """Make room for ``extra`` more slots in every row of every layer (grows geometrically)."""
-        for i in self.layers:
+    def ensure(self, extra: int, layers: list[int] | None = None) -> None:
+        """Make room for ``extra`` more slots in every row of every layer (or of ``layers``;
+        grows geometrically)."""
+        for i in self.layers if layers is None else [i for i in layers if i in self.k]:
             need = int(self.lens[i].max()) + extra
             cap = self.k[i].shape[2]
             if need > cap:

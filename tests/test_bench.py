@@ -230,3 +230,21 @@ def test_spec_suites_compare_against_plain_greedy_on_humaneval_prompts(tiny, tmp
     assert_png(tmp_path / "spec_gamma.png") and tmp_path / "spec_gamma.png" in paths
     with pytest.raises(AccelcError, match="no gamma"):
         run_suite(ctx, "spec_gamma", gammas=(9,), humaneval=1, new_tokens=4)
+
+
+def test_spec_exit_suite_reports_every_exit_layer(tiny, tmp_path, monkeypatch):
+    """``--suite spec_exit`` on the tiny model: one row per exit layer with acceptances in [0, 1],
+    a positive draft cost below a full step's and the predicted speedups; plots written."""
+    import accelc
+
+    monkeypatch.setenv("ACCELC_CACHE_DIR", str(tmp_path / "cache"))
+    spec = accelc.load_spec({"accelc": 1, "decode": {"speculative": {"draft": "early_exit", "exit_layer": 2}}})
+    ctx = BenchContext(accelc.compile(tiny, spec), accelc.compile(tiny, accelc.load_spec({"accelc": 1})), tiny, "self_spec.yaml", "identity")
+    rep = run_suite(ctx, "spec_exit", humaneval=1, chat=0, new_tokens=6, repeats=1)
+    n = tiny.config.num_hidden_layers
+    assert [r["x"] for r in rep.rows] == list(range(1, n))
+    for r in rep.rows:
+        assert 0.0 <= r["acceptance_plain"] <= 1.0 and 0.0 <= r["acceptance_calibrated"] <= 1.0
+        assert r["draft_cost"] > 0 and r["speedup_plain"] > 0
+    write_report(rep, tmp_path)
+    assert_png(tmp_path / "spec_exit_acceptance.png")

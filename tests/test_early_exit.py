@@ -100,6 +100,8 @@ def test_calibrated_head_is_cached_and_matches_its_definition(tiny_model, tmp_pa
         feeds = cache.inputs()
         names = second.program.meta["speculative"]["inputs"]["draft"]
         pos = torch.arange(S)[None]
-        got = second.program.graphs["draft"](input_ids=ids, position_ids=pos, q_len=torch.tensor([S]), tree_mask=None,
-                                             logits_index=pos, **{n: feeds[n] for n in names if n in feeds})
+        meta = second.program.meta["speculative"]
+        head = getattr(second.program.gm, meta["head_weight"])
+        got, _ = second.program.graphs["draft"](input_ids=ids, position_ids=pos, q_len=torch.tensor([S]), tree_mask=None,
+                                                logits_index=pos, draft_head_weight=head, **{n: feeds[n] for n in names if n in feeds})
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

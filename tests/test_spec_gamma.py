@@ -179,3 +179,20 @@ def test_make_gamma_policy():
     for bad in (0, 9, "sometimes", True):
         with pytest.raises(ValueError, match="gamma"):
             make_gamma_policy(bad, 8)
+
+
+def test_adaptive_include_decides_after_seeing_each_draft():
+    """include_batch (early exit with reused layers): keep draft n iff
+    P_n (1 + (n - 1) r) > r (1 + sum_{k<n} P_k), with P_n from the calibrated confidence."""
+    policy = AdaptiveGamma(gamma_max=4, cost_ratio=0.6)
+    sure, unsure = torch.tensor([[0.99, 0.01]]), torch.tensor([[0.5, 0.5]])
+    # P_1 = a(0.99) ~ 0.95 > 0.6: kept; then a 0.5-confidence draft: P_2 ~ 0.95 * 0.55 ~ 0.52,
+    # 0.52 * 1.6 = 0.84 < 0.6 * 1.95 = 1.17: not kept
+    assert policy.include_batch(1, sure, 1).tolist() == [True]
+    assert policy.include_batch(2, unsure, 1).tolist() == [False]
+    free = AdaptiveGamma(gamma_max=3, cost_ratio=0.0)  # drafting costs nothing: keep everything
+    assert all(free.include_batch(n, unsure, 2).tolist() == [True, True] for n in (1, 2, 3))
+    rows = AdaptiveGamma(gamma_max=4, cost_ratio=0.6)  # rows decide independently (a(0.5) = 0.55 < 0.6)
+    assert rows.include_batch(1, torch.cat([sure, unsure]), 2).tolist() == [True, False]
+    rows.update(torch.tensor([1, 0]), torch.tensor([1, 0]))  # only the kept, verified draft counts
+    assert rows.trials.sum().item() == pytest.approx(2.0 * rows.bins + 1)

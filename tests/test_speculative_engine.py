@@ -154,10 +154,10 @@ def small_model():
     return accelc.load_model("tiny", seed=3, **SMALL)
 
 
-def sample_cells(model, draft: str, verify: str, seed: int) -> tuple[torch.Tensor, dict]:
+def sample_cells(model, draft: str, verify: str, seed: int, prompt=(1, 2, 3, 1, 2), **extra) -> tuple[torch.Tensor, dict]:
     cm = accelc.compile(model, accelc.load_spec({"accelc": 1, "decode": {"temperature": 1.0, "speculative": {
-        **DRAFTS[draft], "gamma": 3, "gamma_max": 3, "verify": verify}}}))
-    prompt = [1, 2, 3, 1, 2]
+        **DRAFTS[draft], "gamma": 3, "gamma_max": 3, "verify": verify, **extra}}}))
+    prompt = list(prompt)
     res = cm.engine.generate([prompt] * SAMPLES, max_new_tokens=LENGTH, eos=False, sampling=SamplingParams(temperature=1.0, seed=seed))
     toks = torch.tensor(res.tokens)
     cells = (toks * VOCAB ** torch.arange(LENGTH - 1, -1, -1)).sum(1)
@@ -172,6 +172,40 @@ def test_sampling_matches_target_distribution(small_model, draft, verify):
     cells, stats = sample_cells(small_model, draft, verify, seed=7)
     assert stats["accepted_mean"] > 0.2  # drafts were kept: the check covers the accept path
     assert chi_square_pvalue(cells, target) > 1e-3
+
+
+def test_sampling_with_a_draft_vocabulary_matches_target_distribution(small_model):
+    """T=1, early exit drafting over 2 of the 4 tokens (draft_vocab: 1 + the context's token 1):
+    the draft distribution is zero elsewhere and the output still follows the target."""
+    plain_cm = accelc.compile(small_model, accelc.load_spec({"accelc": 1}))
+    prompt = (1, 1, 1, 1, 1)
+    target = exact_continuations(plain_cm, list(prompt), SamplingParams(temperature=1.0))
+    cells, stats = sample_cells(small_model, "early_exit", "block", seed=11, prompt=prompt, draft_vocab=1)
+    assert stats["accepted_mean"] > 0.1
+    assert chi_square_pvalue(cells, target) > 1e-3
+
+
+@pytest.mark.parametrize("gamma", [3, "adaptive"])
+def test_draft_vocabulary_is_lossless_and_drafts_only_its_tokens(tiny_model, plain, gamma, monkeypatch):
+    """draft_vocab: K scores the K lowest ids plus the context's tokens; greedy output unchanged."""
+    cm = accelc.compile(tiny_model, accelc.load_spec(spec_for("early_exit", gamma, "block", draft_vocab=8)))
+    prompts = [[5, 6, 40, 41, 5, 6, 40, 41, 5], [9, 200, 9, 200, 9]]
+    heads = []
+    original = SpeculativeEngine._draft_head
+
+    def spy(self, rows):
+        out = original(self, rows)
+        heads.append(out[2].tolist())
+        return out
+
+    monkeypatch.setattr(SpeculativeEngine, "_draft_head", spy)
+    res = cm.engine.generate(prompts, max_new_tokens=30, eos=False)
+    assert res.tokens == plain.engine.generate(prompts, max_new_tokens=30, eos=False).tokens
+    assert heads and all(ids[:8] == list(range(8)) for ids in heads)
+    emitted = {t for row in res.tokens for t in row}
+    assert {9, 40, 41, 200} <= set(heads[0][8:]) <= {9, 40, 41, 200} | emitted  # context tokens above K
+    assert all(len(ids) == len(set(ids)) for ids in heads)
+    assert set(heads[0]) <= set(heads[-1])  # emitted tokens join the context, hence the draft vocabulary
 
 
 def test_negative_control_accept_all_verifier_is_detected(small_model, monkeypatch):
@@ -344,13 +378,13 @@ def test_calibrated_gamma_drafts_by_calibrated_acceptance():
 
 def test_exit_layer_chooser_explores_then_exploits():
     chooser = ExitLayerChooser([4, 8])
-    assert chooser.choose(3, 1.0) == 8
-    chooser.update(8, torch.tensor([3]), torch.tensor([0]), 0.1)
-    assert chooser.choose(3, 1.0) == 4
+    assert chooser.choose(3) == 8
+    chooser.update(8, torch.tensor([3]), torch.tensor([0]), 0.1, 0.5)
+    assert chooser.choose(3) == 4
     for _ in range(50):
-        chooser.update(4, torch.tensor([3]), torch.tensor([3]), 0.1)
-        chooser.update(8, torch.tensor([3]), torch.tensor([0]), 0.1)
-    assert chooser.choose(3, 1.0) == 4
+        chooser.update(4, torch.tensor([3]), torch.tensor([3]), 0.1, 0.7)
+        chooser.update(8, torch.tensor([3]), torch.tensor([0]), 0.1, 0.5)
+    assert chooser.choose(3) == 4
     assert chooser.acceptance()[8] == 0.0
 
 

@@ -165,6 +165,29 @@ class AdaptiveGamma(GammaPolicy):
         gain = self._survive * self.mean_acceptance
         return gain > r * self._expected / (1.0 + step * r)
 
+    def include_batch(self, step: int, draft_probs: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """(batch,) bool: keep draft ``step`` (whose distribution is ``draft_probs``), decided after
+        seeing it -- for drafters whose next draft costs the same as verifying this one (early exit
+        with reused layers: keeping d_n costs one more pass, drafting d_{n+1} with it comes free).
+
+        Keeping d_n adds P_n = P_{n-1} a(c_n) expected tokens for one more cost unit r, so it
+        raises the throughput iff  P_n (1 + (n - 1) r) > r (1 + sum_{k<n} P_k).  Call with
+        step = 1, 2, ... in order; a row that was not kept must not be asked again this step."""
+        if step == 1:
+            self._confidences = []
+            self._survive = torch.ones(batch, dtype=torch.float64)
+            self._expected = torch.ones(batch, dtype=torch.float64)
+        confidence = torch.ones(batch) if draft_probs is None else draft_probs.detach().float().amax(dim=-1).cpu()
+        self._confidences.append(confidence)
+        survive = self._survive * self.acceptance(confidence)
+        r = self.cost_ratio
+        keep = survive * (1.0 + (step - 1) * r) > r * self._expected
+        if step > self.gamma_max:
+            keep[:] = False
+        self._survive = torch.where(keep, survive, self._survive)
+        self._expected = torch.where(keep, self._expected + survive, self._expected)
+        return keep
+
     def update(self, proposed: int | torch.Tensor, accepted: int | torch.Tensor) -> None:
         if not self._confidences:
             return

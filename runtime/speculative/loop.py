@@ -3,8 +3,11 @@
 Each step drafts up to gamma tokens per row after the row's *pending* token (the last emitted
 token, not yet in the KV cache) and verifies them in ONE forward of the target model:
 
-    draft   early exit: gamma steps of the draft graph (first k layers + exit head), each row
-            stopping when the gamma policy says so (``keep_drafting`` on the draft distribution);
+    draft   early exit: passes of the draft graph (first k layers + exit head) over pending,
+            d_1, ..., each row keeping a draft while the gamma policy includes it (for
+            ``adaptive``: after seeing the draft's confidence); the verification then runs only
+            the layers from the exit on (the tail graph), reusing the drafted layers
+            (:meth:`SpeculativeEngine._early_exit_step`);
             prompt lookup / token recycling chain: model-free proposals cut by the same policy;
             token recycling tree (T = 0): a static tree of candidates from the adjacency matrix.
     verify  forward [pending, d_1..d_g] at positions pos..pos+g (a tree: all nodes, position
@@ -100,10 +103,11 @@ class ExitLayerChooser:
     """DEL-style choice of the exit layer among the compiled candidates (module docstring).
 
     Per layer l: acceptance a_l = (successes + 1) / (trials + 2) counted per verified draft (the
-    accepted drafts and the first rejected one), and the measured draft seconds per token c_l.
-    The chosen layer maximises  E_l / (gamma c_l + v)  with E_l = (1 - a^(gamma+1)) / (1 - a) the
-    expected tokens per step and v the verification seconds, where a is a_l raised by the UCB1
-    bonus sqrt(2 ln N / n_l); an untried layer is tried first (deepest first).
+    accepted drafts and the first rejected one), the measured seconds c_l of one draft-graph pass
+    and v_l of the verification from the exit on.  The chosen layer maximises
+    E_l / ((gamma + 1) c_l + v_l)  with E_l = (1 - a^(gamma+1)) / (1 - a) the expected tokens per
+    step, where a is a_l raised by the UCB1 bonus sqrt(2 ln N / n_l); an untried layer is tried
+    first (deepest first).
     """
 
     def __init__(self, layers: Sequence[int]):
@@ -111,9 +115,10 @@ class ExitLayerChooser:
         self.trials = {k: 0.0 for k in self.layers}
         self.successes = {k: 0.0 for k in self.layers}
         self.cost = {k: None for k in self.layers}  # type: dict[int, float | None]
+        self.tail = {k: None for k in self.layers}  # type: dict[int, float | None]
 
-    def choose(self, gamma: int, verify_seconds: float) -> int:
-        """The exit layer for the next step (gamma drafts, verification of ``verify_seconds``)."""
+    def choose(self, gamma: int) -> int:
+        """The exit layer for the next step (up to gamma drafts)."""
         untried = [k for k in self.layers if self.cost[k] is None]
         if untried:
             return untried[-1]
@@ -123,18 +128,21 @@ class ExitLayerChooser:
             a = (self.successes[k] + 1.0) / (self.trials[k] + 2.0)
             a = min(0.999, a + math.sqrt(2.0 * math.log(total) / (self.trials[k] + 1.0)))
             expected = (1.0 - a ** (gamma + 1)) / (1.0 - a)
-            score = expected / (gamma * float(self.cost[k]) + max(verify_seconds, 1e-9))
+            score = expected / ((gamma + 1) * float(self.cost[k]) + max(float(self.tail[k]), 1e-9))
             if score > best_score:
                 best, best_score = k, score
         return best
 
-    def update(self, layer: int, proposed: torch.Tensor, accepted: torch.Tensor, seconds_per_token: float) -> None:
-        """proposed, accepted: (B,) int64 drafts per row of the step drafted from ``layer``."""
+    def update(self, layer: int, proposed: torch.Tensor, accepted: torch.Tensor, seconds_per_pass: float,
+               tail_seconds: float) -> None:
+        """proposed, accepted: (B,) int64 drafts per row of the step drafted from ``layer``;
+        seconds_per_pass: one draft-graph pass; tail_seconds: the verification from the exit on."""
         rejected = (accepted < proposed).double()
         self.successes[layer] += float(accepted.sum())
         self.trials[layer] += float(accepted.sum() + rejected.sum())
-        old = self.cost[layer]
-        self.cost[layer] = seconds_per_token if old is None else 0.8 * old + 0.2 * seconds_per_token
+        for store, value in ((self.cost, seconds_per_pass), (self.tail, tail_seconds)):
+            old = store[layer]
+            store[layer] = value if old is None else 0.8 * old + 0.2 * value
 
     def acceptance(self) -> dict[int, float | None]:
         """Observed per-draft acceptance per layer (None for a layer never verified)."""
@@ -368,9 +376,10 @@ class SpeculativeEngine(Engine):
         self.sp = compiled.spec.decode.speculative
         self.plan = compiled.program.meta.get("speculative", {})
         self.plain = Engine(compiled)
-        self.drafts: dict[int, tuple[Any, list[str]]] = {
-            k: (compiled.program.graphs[name], self.plan["inputs"][name]) for k, name in self.plan.get("graphs", {}).items()
-        }
+        graphs = lambda kind: {  # noqa: E731  exit layer -> (graph, input names)
+            k: (compiled.program.graphs[name], self.plan["inputs"][name]) for k, name in self.plan.get(kind, {}).items()}
+        self.drafts, self.lowers, self.tails = graphs("graphs"), graphs("lower"), graphs("tail")
+        self.tail_layers = {k: list(range(k, self.info.n_layers)) for k in self.tails}
         self.lookup = PromptLookupDrafter(self.sp.ngram_max, self.sp.ngram_min) if self.sp.draft == "prompt_lookup" else None
         self.learned: _Learned | None = None  # shared by greedy generations
         # streaming heads attend by position windows, not along a tree: Token Recycling then
@@ -500,12 +509,12 @@ class SpeculativeEngine(Engine):
             if self.drafts:
                 layer = self._pick_exit(st)
                 g = gamma if self._early_exit_pays(st, layer) else 0
-                proposal = self._draft_early_exit(cache, rows, g, budget, st, layer)
+                proposal, res, t1 = self._early_exit_step(cache, rows, g, budget, st, layer, active)
             else:  # (a tree the policy cut to depth 0 is a plain step)
                 proposal, keys = self._draft_model_free(rows, 0 if tree else gamma, budget, st)
-            t1 = time.perf_counter()
+                t1 = time.perf_counter()
+                res = self._verify_chain(cache, rows, proposal, st, active)
             proposed = proposal.lengths
-            res = self._verify_chain(cache, rows, proposal, st, active)
             res_acc, tokens = res.accepted, res.tokens
             width = int(proposed.max()) if proposed.numel() else 0
             forward_width = width + 1
@@ -527,19 +536,23 @@ class SpeculativeEngine(Engine):
         proposed = torch.where(active, proposed, 0)
         accepted = torch.where(active, accepted, 0)
         st.policy.update(proposed, accepted)
-        if isinstance(st.policy, AdaptiveGamma):
-            base, per_token = st.cost.line()
+        base, per_token = st.cost.line()
+        if layer is not None:
+            # early exit: forward_width draft-graph passes, then the tail verifies forward_width tokens
+            pass_s = draft_s / forward_width
+            old = st.draft_cost.get(layer)
+            st.draft_cost[layer] = pass_s if old is None else 0.8 * old + 0.2 * pass_s
+            if isinstance(st.policy, AdaptiveGamma):  # one more draft: a pass + a tail token; none: a pass + the tail
+                st.policy.observe_cost(st.draft_cost[layer] + per_token, st.draft_cost[layer] + base + per_token)
+            if st.chooser is not None:
+                st.chooser.update(layer, proposed, accepted, pass_s, verify_s)
+                st.stats.exit_trace.append(layer)
+        elif isinstance(st.policy, AdaptiveGamma):
             nodes = self.sp.tree_width if tree else 1
             st.policy.observe_cost(draft_s / drafted + per_token * nodes, base + per_token)
         if st.calibrated is not None and keys is not None:
             real = active & (keys > 0) & (proposed > 0)
             st.calibrated.update(keys[real], proposed[real], accepted[real])
-        if layer is not None and width > 0:
-            old = st.draft_cost.get(layer)
-            st.draft_cost[layer] = draft_s / width if old is None else 0.8 * old + 0.2 * draft_s / width
-        if st.chooser is not None and layer is not None:
-            st.chooser.update(layer, proposed, accepted, draft_s / drafted)
-            st.stats.exit_trace.append(layer)
         st.stats.record(proposed, accepted, active, width)
 
     # A verification forward of w tokens costs about 1 + VERIFY_SLOPE (w - 1) decode steps with the
@@ -553,22 +566,28 @@ class SpeculativeEngine(Engine):
         Sampled generation with a seed must give the same tokens every time, but the adaptive
         policies (gamma, exit layer) choose from the costs they observe, and measured seconds differ
         from run to run.  Seeded sampling therefore learns from this deterministic model instead:
-        verification ``1 + VERIFY_SLOPE (w - 1)``; an early-exit draft token the weight share of its
-        first ``layer`` layers plus the LM head (:meth:`_exit_share`); model-free drafts nothing.
+        a forward of w tokens costs ``1 + VERIFY_SLOPE (w - 1)`` times the share of the weights it
+        reads; an early-exit step makes ``forward_width`` passes of the draft graph (the first
+        ``layer`` layers, plus the draft head for all but the last) and verifies with the rest of
+        the model (:meth:`_exit_shares`); model-free drafts cost nothing.
         """
         verify = 1.0 + self.VERIFY_SLOPE * max(0, forward_width - 1)
-        draft = self._exit_share(layer) * width if layer is not None else 0.0
-        return draft, verify
+        if layer is None:
+            return 0.0, verify
+        lower, head = self._exit_shares(layer)
+        return forward_width * lower + width * head, verify * (1.0 - lower)
 
-    def _exit_share(self, layer: int) -> float:
-        """Weights read by a draft step exiting after ``layer`` layers / weights of a full step."""
+    def _exit_shares(self, layer: int) -> tuple[float, float]:
+        """(weights of the first ``layer`` layers, weights of the draft head) / weights of a full step."""
         if not hasattr(self, "_shares"):
             model = self.cm.model
             decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
             per_layer = [sum(p.numel() for p in blk.parameters()) for blk in decoder.layers]
             head = model.get_output_embeddings().weight.numel()
             total = sum(per_layer) + head
-            self._shares = {k: (sum(per_layer[:k]) + head) / total for k in range(len(per_layer) + 1)}
+            rows = self.plan.get("draft_vocab") or self.info.vocab_size
+            self._shares = {k: (sum(per_layer[:k]) / total, head * min(1.0, rows / self.info.vocab_size) / total)
+                            for k in range(len(per_layer) + 1)}
         return self._shares[layer]
 
     # ------------------------------------------------------------------ drafting
@@ -608,62 +627,125 @@ class SpeculativeEngine(Engine):
 
     def _early_exit_pays(self, st: _Run, layer: int) -> bool:
         """With ``gamma: adaptive``: whether drafting from ``layer`` is expected to beat a plain
-        step, from the measured draft and verification costs and the policy's mean acceptance
-        (:class:`CalibratedGamma` with one bucket).  Every ``EXPLORE_EVERY``-th step drafts anyway
-        so that the estimates keep up; the other policies always draft."""
+        step, from the measured pass and verification costs and the policy's mean acceptance
+        (:class:`CalibratedGamma` with one bucket; g drafts cost g + 1 passes and a tail of g + 1
+        tokens).  Every ``EXPLORE_EVERY``-th step drafts anyway so that the estimates keep up; the
+        other policies always draft."""
         if not isinstance(st.policy, AdaptiveGamma) or layer not in st.draft_cost or st.stats.steps % self.EXPLORE_EVERY == 0:
             return True
         base, per_token = st.cost.line()
+        pass_s = st.draft_cost[layer]
         best = CalibratedGamma.single(self.sp.gamma_max, st.policy.mean_acceptance).choose(
-            torch.ones(1, dtype=torch.long), base, per_token, st.draft_cost[layer])
+            torch.ones(1, dtype=torch.long), base + pass_s, per_token, pass_s)
         return int(best[0]) > 0
 
     def _pick_exit(self, st: _Run) -> int:
         if st.chooser is None:
             return next(iter(self.drafts))
-        base, per_token = st.cost.line()
-        gamma = st.policy.next_gamma()
-        return st.chooser.choose(gamma, base + per_token * (gamma + 1))
+        return st.chooser.choose(st.policy.next_gamma())
 
-    def _draft_early_exit(self, cache: KVCache, rows: _Rows, gamma: int, budget: torch.Tensor, st: _Run, layer: int) -> Proposal:
-        """Up to gamma tokens per row from the draft graph of ``layer`` (its cache entries are
-        rolled back afterwards; verification rewrites them)."""
-        graph, names = self.drafts[layer]
+    def _draft_head(self, rows: _Rows) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(weight, bias, token ids of its rows or None = the whole vocabulary) of the draft head.
+
+        With ``draft_vocab: K`` the head scores the K lowest token ids (a BPE vocabulary lists
+        merges by frequency) plus every token of the rows' contexts (prompt and output so far);
+        a target token outside that set is simply never drafted, which costs acceptance, not
+        correctness.  The rows are gathered once per step from the packed LM head."""
+        weight = getattr(self.cm.program.gm, self.plan["head_weight"])
+        bias = getattr(self.cm.program.gm, self.plan["head_bias"]) if self.plan.get("head_bias") else None
+        k = self.plan.get("draft_vocab")
+        if not k or k >= weight.shape[0]:
+            return weight, bias, None
+        seen = rows.context[torch.arange(rows.context.shape[1], device=rows.length.device)[None, :] < rows.length[:, None]]
+        extra = torch.unique(seen[seen >= k])
+        ids = torch.cat([torch.arange(k, device=weight.device), extra.to(weight.device)])
+        if getattr(self, "_head_ids", None) is None or not torch.equal(self._head_ids, ids):
+            self._head_ids = ids
+            self._head = (torch.cat([weight[:k], weight[extra]]), None if bias is None else bias[ids])
+        return self._head[0], self._head[1], ids
+
+    def _early_exit_step(self, cache: KVCache, rows: _Rows, gamma: int, budget: torch.Tensor, st: _Run, layer: int,
+                         active: torch.Tensor) -> tuple[Proposal, VerifyResult, float]:
+        """Draft up to gamma tokens per row from the first ``layer`` layers, verify them with the
+        rest of the model, reusing the drafted layers (LayerSkip's self-speculation).
+
+        Pass j runs the draft graph on [pending, d_1, ...][j]: it writes that token's cache entries
+        of the layers below the exit (exactly what the full model would write), returns the
+        residual stream at the exit and, through the draft head, d_{j+1}.  A row keeps d_{j+1} when
+        the gamma policy includes it (for ``adaptive``, after seeing its confidence); the next pass
+        runs only if some row kept its draft (the last pass skips the head: ``lower`` graph).  The
+        tail graph then runs the layers from the exit on over all passes' residual streams in one
+        forward and gives the target logits at every drafted position: verification as usual, and
+        rollback resets every layer's lengths.  Returns (proposal, verification, end of drafting).
+        """
+        draft_gm, draft_names = self.drafts[layer]
+        lower_gm, lower_names = self.lowers[layer]
+        tail_gm, tail_names = self.tails[layer]
         sampling, policy = st.sampling, st.policy
         B = rows.pos.shape[0]
         dev = rows.pos.device
+        weight, bias, ids = self._draft_head(rows)
+        head = {"draft_head_weight": weight} if bias is None else {"draft_head_weight": weight, "draft_head_bias": bias}
+        snap = cache.snapshot()
         tokens = torch.zeros(B, max(gamma, 0), dtype=torch.long, device=dev)
         lens = torch.zeros(B, dtype=torch.long, device=dev)
         probs: list[torch.Tensor] = []
+        hidden: list[torch.Tensor] = []
         alive = budget > 0
-        snap = cache.snapshot()
         cur = rows.pending
         ones = torch.ones(B, dtype=torch.long, device=dev)
         zero_idx = torch.zeros(B, 1, dtype=torch.long, device=dev)
-        wants_probs = isinstance(policy, AdaptiveGamma)
-        used = 0
-        for j in range(gamma):
-            if not bool(alive.any()):
-                break
+        adaptive = isinstance(policy, AdaptiveGamma)
+        j = 0
+        while True:
+            drafting = j < gamma and bool(alive.any())
             cache.ensure(1)
             feeds = cache.inputs()
-            logits = graph(input_ids=cur[:, None], position_ids=(rows.pos + j)[:, None], q_len=ones, tree_mask=None,
-                           logits_index=zero_idx, **{n: feeds[n] for n in names if n in feeds})[:, 0]
+            common = dict(input_ids=cur[:, None], position_ids=(rows.pos + j)[:, None], q_len=ones, tree_mask=None,
+                          logits_index=zero_idx)
+            if not drafting:
+                hidden.append(lower_gm(**{n: v for n, v in common.items() if n in lower_names},
+                                       **{n: feeds[n] for n in lower_names if n in feeds}))
+                break
+            logits, h = draft_gm(**{n: v for n, v in common.items() if n in draft_names}, **head,
+                                 **{n: feeds[n] for n in draft_names if n in feeds})
+            hidden.append(h)
+            logits = logits[:, 0]
             if sampling.greedy:
-                cur = logits.argmax(-1)
-                conf = logits.float().softmax(-1) if wants_probs else None
+                pick = logits.argmax(-1)
+                conf = logits.float().softmax(-1) if adaptive else None
             else:
                 q = probs_from_logits(logits, sampling)
-                cur = sample(q, st.gen)
-                probs.append(q)
+                pick = sample(q, st.gen)
                 conf = q
+                probs.append(q if ids is None else q.new_zeros(B, self.info.vocab_size).index_copy_(1, ids, q))
+            cur = pick if ids is None else ids[pick]
             tokens[:, j] = cur
-            used = j + 1
+            keep = policy.include_batch(j + 1, conf, B).to(dev) if adaptive else torch.ones_like(alive)
+            alive = alive & keep & (lens < budget)
             lens += alive.long()
-            alive &= self._keep_mask(policy, j + 1, conf, B) & (lens < budget)
-        cache.restore(snap)
-        q_all = torch.stack(probs, dim=1) if probs else None
-        return Proposal(tokens[:, :used], lens, q_all)
+            j += 1
+            if not bool(alive.any()):
+                break
+        t_draft = time.perf_counter()
+        width = len(hidden)
+        drafts = tokens[:, : width - 1]
+        ids_in = torch.cat([rows.pending[:, None], drafts], dim=1)
+        pos = rows.pos[:, None] + torch.arange(width, device=dev)
+        cache.ensure(width, layers=self.tail_layers[layer])
+        feeds = cache.inputs()
+        given = dict(exit_hidden=torch.cat(hidden, dim=1), input_ids=ids_in, position_ids=pos,
+                     q_len=torch.full((B,), width, dtype=torch.long, device=dev), tree_mask=None,
+                     logits_index=torch.arange(width, device=dev).expand(B, width))
+        logits = tail_gm(**{n: v for n, v in given.items() if n in tail_names}, **{n: feeds[n] for n in tail_names if n in feeds})
+        if sampling.greedy:
+            res = verify_greedy(drafts, logits.argmax(-1), lens)
+        else:
+            verify = verify_block if self.sp.verify == "block" else verify_tokenwise
+            q_all = torch.stack(probs, dim=1)[:, : width - 1] if probs else None
+            res = verify(drafts, q_all, probs_from_logits(logits, sampling), st.gen, lens)
+        cache.restore(snap, torch.where(active, res.accepted + 1, 0))
+        return Proposal(drafts, lens, None), res, t_draft
 
     def _tree_depth(self, st: _Run, gamma: int, batch: int) -> int:
         """Tree depth for this step, at most gamma and the drafter's depth: with ``gamma:

@@ -164,3 +164,28 @@ def test_select_blocks_ignores_garbage_beyond_kv_len(case, top):
         k[garbage] = fill
         selections.append(select_blocks(q, k, kv_len, block, top, sink, local))
     assert all(torch.equal(selections[0], other) for other in selections[1:])
+
+
+@settings(deadline=None, max_examples=30)
+@given(case=prefill_cases(), top=st.integers(0, 3), sink=st.integers(0, 2), local=st.integers(1, 2),
+       gather=st.integers(1, 40), strided=st.booleans())
+def test_torch_path_in_chunks_and_on_strided_caches(case, top, sink, local, gather, strided):
+    """The torch reference processes query blocks in chunks of GATHER_KEYS gathered keys, from a flat
+    row gather of a contiguous cache or by indexing a strided one: every chunking equals the mask."""
+    import accelc.kernels.block_sparse as bs
+
+    q, k, v, kv_len, block = case
+    S, N = q.shape[2], k.shape[2]
+    block_idx = select_blocks(q, k, kv_len, block, top, sink, local)
+    if strided:  # a view of every other KV head slot: not contiguous
+        k = torch.stack([k, torch.zeros_like(k)], dim=2).flatten(1, 2)[:, ::2]
+        v = torch.stack([v, torch.zeros_like(v)], dim=2).flatten(1, 2)[:, ::2]
+    want = bs.block_sparse_attention(q, k.contiguous(), v.contiguous(), kv_len, block_idx, block, 0.3)
+    old = bs.GATHER_KEYS
+    bs.GATHER_KEYS = gather
+    try:
+        got = bs.block_sparse_attention(q, k, v, kv_len, block_idx, block, 0.3)
+    finally:
+        bs.GATHER_KEYS = old
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)

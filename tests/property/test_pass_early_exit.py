@@ -1,5 +1,7 @@
 """early_exit pass on tiny Llamas of drawn sizes: the draft graph's logits equal the eager model
-truncated after k layers + final norm + LM head, and it touches only the caches of layers < k."""
+truncated after k layers + final norm + LM head (over any rows of the head), it touches only the
+caches of layers < k, the lower graph gives the same residual stream, and the tail graph fed with
+that stream gives the full model's logits while writing only the caches of layers >= k."""
 from __future__ import annotations
 
 import torch
@@ -57,10 +59,30 @@ def test_draft_logits_equal_truncated_eager_model(cfg, seed, data):
     cache = cm.engine.new_cache(B, S)
     feeds = cache.inputs()
     pos = torch.arange(S).expand(B, S)
+    head = getattr(cm.program.gm, meta["head_weight"])
+    rows = torch.tensor(sorted(data.draw(st.sets(st.integers(0, cfg["vocab_size"] - 1), min_size=1), label="head rows")))
     with torch.no_grad():
-        got = draft(input_ids=ids, position_ids=pos, q_len=torch.full((B,), S), tree_mask=None,
-                    logits_index=pos.contiguous(), **{n_: feeds[n_] for n_ in names if n_ in feeds})
+        got, exit_h = draft(input_ids=ids, position_ids=pos, q_len=torch.full((B,), S), tree_mask=None,
+                            logits_index=pos.contiguous(), draft_head_weight=head[rows].contiguous(),
+                            **{n_: feeds[n_] for n_ in names if n_ in feeds})
     want = eager_truncated_logits(loaded.model, ids, k)
-    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got, want[..., rows], atol=1e-4, rtol=1e-4)
     for layer in cache.layers:  # only the layers the draft runs write their cache
         assert int(cache.lens[layer][0]) == (S if layer < k else 0)
+
+    lower, lower_names = cm.program.graphs["lower"], meta["inputs"]["lower"]
+    tail, tail_names = cm.program.graphs["tail"], meta["inputs"]["tail"]
+    fresh = cm.engine.new_cache(B, S)
+    f2 = fresh.inputs()
+    given = dict(input_ids=ids, position_ids=pos, q_len=torch.full((B,), S), tree_mask=None, logits_index=pos.contiguous())
+    with torch.no_grad():
+        h2 = lower(**{n_: v for n_, v in given.items() if n_ in lower_names}, **{n_: f2[n_] for n_ in lower_names if n_ in f2})
+        torch.testing.assert_close(h2, exit_h)
+        full = tail(exit_hidden=h2, **{n_: v for n_, v in given.items() if n_ in tail_names},
+                    **{n_: f2[n_] for n_ in tail_names if n_ in f2})
+        with torch.no_grad():
+            ref = loaded.model(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(full, ref, atol=1e-4, rtol=1e-4)
+    assert not any(name.startswith(("k_cache_", "v_cache_")) and int(name.rsplit("_", 1)[1]) < k for name in tail_names)
+    for layer in fresh.layers:  # lower + tail write every layer once
+        assert int(fresh.lens[layer][0]) == S
