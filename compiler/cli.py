@@ -163,7 +163,7 @@ def generate(
 def bench(
     spec: Path = SPEC_ARG,
     model: str = MODEL_OPT,
-    suite: str = typer.Option("decode", "--suite", "-s", help="prefill (TTFT), decode (tokens/s, KV memory), passkey (retrieval accuracy), ppl (perplexity), spec (speculative, when installed)."),
+    suite: str = typer.Option("decode", "--suite", "-s", help="prefill (TTFT), decode (tokens/s, KV memory), passkey (retrieval accuracy), ppl (perplexity), spec (speculative vs greedy and HF prompt lookup), spec_gamma (every gamma policy), spec_exit (acceptance per exit layer)."),
     baseline: Optional[Path] = typer.Option(None, "--baseline", help="Spec to compare against (default: the identity spec)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Directory for <suite>.json, <suite>.md and the PNG plots."),
     repeats: int = typer.Option(3, "--repeats", help="Interleaved repeats of timed suites; the median is reported."),

@@ -420,7 +420,14 @@ def _draft_cost(spec_cfg: Any, plans: list[_LayerPlan], ts: Any, dims: Dims, not
     k = min(int(k), dims.n_layers)
     draft = _sums(plans[:k], ts, C).read
     target = _sums(plans, ts, C).read
-    return (k * W_ + D_ * V_ + B_ * KV_PER_TOKEN * draft) / (L_ * W_ + D_ * V_ + B_ * KV_PER_TOKEN * target)
+    head = D_ * V_
+    if getattr(spec_cfg, "draft_vocab", None):
+        head = D_ * sp.Min(V_, sp.Integer(spec_cfg.draft_vocab))
+        notes.append(f"draft head over {spec_cfg.draft_vocab} tokens (the context's tokens beyond them not counted)")
+    notes.append("early exit: the verification reuses the drafted layers (g drafts: g + 1 passes of the first "
+                 "layers, then the rest of the model once), which costs as much as drafting g and verifying g + 1 "
+                 "tokens in one step when decode is memory-bound")
+    return (k * W_ + head + B_ * KV_PER_TOKEN * draft) / (L_ * W_ + D_ * V_ + B_ * KV_PER_TOKEN * target)
 
 
 def _best_gamma(alpha: float, c: float, gamma_max: int) -> int:

@@ -246,7 +246,8 @@ def block_sparse_attention(
         if flat:
             scores = torch.matmul(qs.float(), keys.float().transpose(-1, -2)) * scale
             probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
-            o = torch.matmul(probs, torch.where(valid[:, :, i0:i1, :, None], values.float(), 0.0))  # 0 * garbage
+            o = torch.matmul(probs, values.float())
+            o = torch.where((kv_len > 0).view(B, 1, 1, 1, 1), o, 0.0)  # an empty row read garbage at slot 0
         else:
             o = masked_gathered_attention(qs, keys, values, visible, scale)
         out[:, :, s0:s1] = o.reshape(B, H, c * block, D)[:, :, : s1 - s0].to(q.dtype)

@@ -179,15 +179,17 @@ def paged_sparse_attention(
                                         visible, scale)
         return out.view(B, H, S, D).to(q.dtype)
     # one flat row gather per tensor (advanced indexing over three dims is ~10x slower on CPU);
-    # invalid slots read position 0 (garbage when the row is empty): masked out of the scores, zeroed in the values
+    # invalid slots read slot 0, a real key unless the row is empty (an empty row's output is zeros)
     T = pos.shape[-1]
     rows = (torch.arange(B * Hkv, device=q.device).view(B, Hkv, 1) * N + pos).reshape(-1)
-    keys = k.reshape(-1, D).index_select(0, rows).view(B, Hkv, 1, T, D).float()
-    values = v.reshape(-1, D).index_select(0, rows).view(B, Hkv, 1, T, D).float()
-    scores = torch.matmul(q.reshape(B, Hkv, group, S, D).float(), keys.transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~visible, float("-inf"))
+    keys = k.reshape(-1, D).index_select(0, rows).view(B, Hkv, T, D).float()
+    values = v.reshape(-1, D).index_select(0, rows).view(B, Hkv, T, D).float()
+    # (group * S) query rows per KV head against its T keys: one plain batched matmul
+    scores = torch.matmul(q.reshape(B, Hkv, group * S, D).float(), keys.transpose(-1, -2)) * scale
+    scores = scores.view(B, Hkv, group, S, T).masked_fill(~visible, float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a query without visible keys -> zeros
-    out = torch.matmul(probs, torch.where(valid[:, :, None, :, None], values, 0.0))  # 0 * garbage would be NaN
+    out = torch.matmul(probs.view(B, Hkv, group * S, T), values)
+    out = torch.where((kv_len > 0).view(B, 1, 1, 1), out, 0.0)
     return out.view(B, H, S, D).to(q.dtype)
 
 

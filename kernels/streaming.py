@@ -54,6 +54,32 @@ def _candidates(q_pos: torch.Tensor, N: int, sink: int, local: int) -> torch.Ten
     return torch.cat([sinks, window], dim=1)
 
 
+_FAST_QUERIES = 16  # decode and speculative verification: contiguous slices + one SDPA call
+
+
+def _few_queries(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int, sink: int, local: int,
+                 scale: float) -> torch.Tensor:
+    """Streaming attention of the last S queries of rows that all hold n keys (decode, verification).
+
+    The keys any of them sees are two contiguous slices, the sinks and the window span of the first
+    query through the last; one SDPA call with the streaming mask over them (no gather).  When the
+    whole cache fits in sink + local, every key up to a query is visible: plain causal attention.
+    """
+    S = q.shape[2]
+    first = n - S  # position of the first query
+    lo = max(min(sink, n), first - local + 1)
+    if lo <= min(sink, n):  # nothing between the sinks and the window: causal attention over [0, n)
+        keys, values, pos = k[:, :, :n], v[:, :, :n], torch.arange(n, device=q.device)
+    else:
+        keys = torch.cat([k[:, :, :sink], k[:, :, lo:n]], dim=2)
+        values = torch.cat([v[:, :, :sink], v[:, :, lo:n]], dim=2)
+        pos = torch.cat([torch.arange(sink, device=q.device), torch.arange(lo, n, device=q.device)])
+    p = first + torch.arange(S, device=q.device)
+    mask = None if S == 1 else streaming_visible(pos[None, :], p[:, None], sink, local)  # (S, T); one query sees all
+    out = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+    return out.to(q.dtype)
+
+
 @register("streaming_attention", "torch")
 def streaming_attention(
     q: torch.Tensor,
@@ -74,6 +100,9 @@ def streaming_attention(
     B, H, S, D = q.shape
     Hkv, N = k.shape[1], k.shape[2]
     scale = D ** -0.5 if scale is None else scale
+    lens = kv_len.tolist()
+    if S <= _FAST_QUERIES and len(set(lens)) == 1 and lens[0] >= S:
+        return _few_queries(q, k, v, lens[0], sink, local, scale)
     qg = q.reshape(B, Hkv, group, S, D)
     out = torch.empty(B, Hkv, group, S, D, dtype=q.dtype, device=q.device)
     n_sink = min(sink, N)

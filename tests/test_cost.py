@@ -119,6 +119,10 @@ def test_speculative_by_hand():
     assert ee.draft_cost == pytest.approx((2 * 576 + 80 + 2 * 4 * 16) / (4 * 576 + 80 + 2 * 4 * 32))
     assert ee.spec_speedup == pytest.approx((1 - 0.5**3) / (0.5 * (2 * ee.draft_cost + 1)))
     assert predict(spec(decode={"speculative": {"draft": "prompt_lookup"}}), None, TOY, 8).spec_speedup is None
+    small = predict(spec(decode={"speculative": {"draft": "early_exit", "exit_layer": 2, "gamma": 2, "draft_vocab": 4}}),
+                    None, TOY, 8, acceptance=0.5)
+    assert small.draft_cost == pytest.approx((2 * 576 + 8 * 4 + 2 * 4 * 16) / (4 * 576 + 80 + 2 * 4 * 32))  # head 8 x 4
+    assert any("draft head over 4 tokens" in a for a in small.assumptions)
 
 
 def test_adaptive_gamma_takes_the_best_fixed_gamma():

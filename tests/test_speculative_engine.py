@@ -376,6 +376,22 @@ def test_calibrated_gamma_drafts_by_calibrated_acceptance():
     assert single.choose(torch.tensor([1]), base=0.05, per_token=0.01, extra=0.02).item() == 0
 
 
+def test_calibrated_gamma_learns_acceptance_per_position():
+    """Copied continuations either fail at once or run on: half the steps reject the first draft,
+    the others keep all 8.  A single rate (~0.9 per token after the first failure weighs in) would
+    stop early; the per-position table knows a draft that survived its first token survives."""
+    policy = CalibratedGamma.single(gamma_max=8)
+    for _ in range(40):
+        policy.update(torch.tensor([1, 1]), torch.tensor([8, 8]), torch.tensor([0, 8]))
+    a = policy.acceptance(torch.tensor([1]))[0]
+    assert a[0] == pytest.approx(0.5, abs=0.03) and bool((a[1:] > 0.95).all())
+    # cheap verification: the whole chain pays; expensive per token: still all or nothing, never a middle length
+    assert policy.choose(torch.tensor([1]), base=0.05, per_token=0.001).item() == 8
+    assert policy.choose(torch.tensor([1]), base=0.05, per_token=0.2).item() in (0, 8)
+    policy.update(torch.tensor([1]), torch.tensor([0]), torch.tensor([0]))  # a row that drafted nothing: no trial
+    assert policy.trials[0, 0].item() == pytest.approx(2.0 + 80)
+
+
 def test_exit_layer_chooser_explores_then_exploits():
     chooser = ExitLayerChooser([4, 8])
     assert chooser.choose(3) == 8

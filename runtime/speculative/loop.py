@@ -265,10 +265,13 @@ class CalibratedGamma:
     0.6 of 8 at L = 1 to about 7 of 8 at L >= 10), for Token Recycling one bucket (the acceptance
     of a tree level).
 
-    Per bucket the per-token acceptance a = successes / trials starts at a prior (two
-    pseudo-observations) and counts the kept drafts and the first rejected one of every verified
-    step.  Each row then drafts the g in [0, gamma_max] maximising expected tokens per second,
-    (1 - a^(g+1)) / (1 - a)  /  (base + per_token (g + 1) + extra g),
+    Per bucket and draft position j the conditional acceptance a_j = P(draft j kept | drafts
+    1..j-1 kept) = successes / trials starts at a prior (two pseudo-observations) and counts the
+    kept drafts and the first rejected one of every verified step.  Acceptance is not geometric:
+    a copied continuation that survives its first token tends to survive the next ones too, so a
+    per-position table drafts long where a single rate would stop early.  Each row then drafts the
+    g in [0, gamma_max] maximising expected tokens per second,
+    (1 + sum_{j<=g} prod_{i<=j} a_i)  /  (base + per_token (g + 1) + extra g),
     with the verification cost line of :class:`VerifyCost` (``extra``: the cost of the other nodes
     of a tree level, or of drafting).  g = 0 is allowed: where drafting does not pay (a wide
     verification on a CPU, a drafter that is rarely right) the loop decodes plainly.
@@ -278,8 +281,9 @@ class CalibratedGamma:
 
     def __init__(self, gamma_max: int, priors: torch.Tensor):
         self.gamma_max = gamma_max
-        self.trials = torch.full(priors.shape, 2.0, dtype=torch.float64)
-        self.successes = 2.0 * priors.double()
+        prior = priors.double()[:, None].expand(-1, max(1, gamma_max))
+        self.trials = torch.full(prior.shape, 2.0, dtype=torch.float64)
+        self.successes = 2.0 * prior.clone()
 
     @classmethod
     def for_match_length(cls, gamma_max: int, buckets: int = 10) -> "CalibratedGamma":
@@ -292,26 +296,31 @@ class CalibratedGamma:
         return cls(gamma_max, torch.tensor([prior]))
 
     def _bucket(self, keys: torch.Tensor) -> torch.Tensor:
-        return keys.cpu().long().clamp(1, self.trials.numel()) - 1
+        return keys.cpu().long().clamp(1, self.trials.shape[0]) - 1
 
     def acceptance(self, keys: torch.Tensor) -> torch.Tensor:
-        """(B,) float64 predicted per-token acceptance for rows with bucket keys (B,)."""
+        """(B, gamma_max) float64 predicted conditional acceptance per position for bucket keys (B,)."""
         return (self.successes / self.trials)[self._bucket(keys)]
 
     def choose(self, keys: torch.Tensor, base: float, per_token: float, extra: float = 0.0) -> torch.Tensor:
         """(B,) int64 drafts per row (keys (B,) int64; costs in seconds)."""
-        a = self.acceptance(keys).clamp(max=1 - 1e-6)[:, None]
+        a = self.acceptance(keys)[:, : self.gamma_max]
+        expected = torch.cat([torch.ones(a.shape[0], 1, dtype=a.dtype), 1 + a.cumprod(dim=1).cumsum(dim=1)], dim=1)
         g = torch.arange(self.gamma_max + 1, dtype=torch.float64)[None, :]
-        expected = (1 - a ** (g + 1)) / (1 - a)
         cost = max(base, 1e-9) + per_token * (g + 1) + extra * g
         return (expected / cost).argmax(dim=1).to(keys.device)
 
     def update(self, keys: torch.Tensor, proposed: torch.Tensor, accepted: torch.Tensor) -> None:
         """keys, proposed, accepted: (B,) int64 of the verified step's rows that drafted."""
+        if keys.numel() == 0:
+            return
         idx = self._bucket(keys)
-        p, a = proposed.cpu().double(), accepted.cpu().double()
-        self.successes.index_add_(0, idx, a)
-        self.trials.index_add_(0, idx, a + (a < p).double())
+        p, a = proposed.cpu().long()[:, None], accepted.cpu().long()[:, None]
+        j = torch.arange(self.trials.shape[1])[None, :]
+        kept = (j < a).double()
+        tried = kept + ((j == a) & (a < p)).double()
+        self.successes.index_add_(0, idx, kept)
+        self.trials.index_add_(0, idx, tried)
 
 
 def suffix_match_length(context: torch.Tensor, lengths: torch.Tensor, start: torch.Tensor, cap: int = 16) -> torch.Tensor:
