@@ -4,7 +4,8 @@
   only the first ``sink`` and the last ``local`` tokens.  With ``heads: all`` the layer's cache
   itself keeps only sink + local entries (the runtime evicts the rest, so memory drops);
   with a head list (whole GQA groups) or ``heads: auto`` (KV heads whose attention mass on
-  sink + local exceeds AUTO_MASS on a calibration text, measured once and cached on disk) the
+  sink + local exceeds AUTO_MASS on a calibration text and on the question of a passkey prompt,
+  measured once and cached on disk, see :func:`calibrate_streaming_heads`) the
   masking is per KV head and the cache stays whole.
 - Block-sparse prefill (Jiang et al. 2024 "MInference"; Yang et al. 2025 "LServe"): each query
   block attends to its sink, local and ``top_blocks`` best key blocks (mean-pooled q·k); prefill
@@ -66,17 +67,56 @@ def kv_heads_of(heads: list[int], n_heads: int, n_kv: int, where: str) -> list[b
     return flags
 
 
-def calibrate_streaming_heads(model: torch.nn.Module, layers: list[int], sink: int, local: int, tokenizer=None) -> dict[int, list[float]]:
-    """Per layer and KV head: the share of attention (mean over queries) that lands on sink + local.
+RETRIEVAL_QUERIES = 32  # the last tokens of the passkey calibration prompt (the question), whose attention retrieves
 
-    Runs the eager model once on a calibration text (Python's pydoc topics) with eager attention
-    to read the attention weights layer by layer; results are cached on disk.
+
+def _window_shares(model: torch.nn.Module, ids: torch.Tensor, layers: list[int], sink: int, local: int,
+                   queries: slice) -> dict[int, list[float]]:
+    """Per layer and KV head: the smallest, over the group's query heads, share of attention that the
+    queries ``queries`` (positions) put on sink + local, averaged over those queries (eager attention)."""
+    cfg = model.config
+    n = ids.shape[1]
+    i = torch.arange(n)[queries, None]
+    j = torch.arange(n)[None, :]
+    window = (j < sink) | (j > i - local)
+    n_kv = getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
+    group = cfg.num_attention_heads // n_kv
+    mass: dict[int, list[float]] = {}
+
+    def hook(layer):
+        def fn(_mod, _inp, out):
+            w = out[1][:, :, queries]  # (1, H, q, n)
+            share = (w * window).sum(-1).mean(-1)[0]  # (H,)
+            mass[layer] = share.view(n_kv, group).min(1).values.tolist()
+        return fn
+
+    hooks = [model.model.layers[l].self_attn.register_forward_hook(hook(l)) for l in layers]
+    try:
+        with torch.inference_mode():
+            model(ids, output_attentions=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    return mass
+
+
+def calibrate_streaming_heads(model: torch.nn.Module, layers: list[int], sink: int, local: int, tokenizer=None) -> dict[int, list[float]]:
+    """Per layer and KV head: the share of attention that stays on sink + local where it matters.
+
+    Two eager runs (training-free, in the spirit of DuoAttention's retrieval/streaming split):
+    (1) a calibration text (Python's pydoc topics), averaged over the queries the window does not
+    already cover (positions >= sink + local); (2) with a tokenizer, a passkey prompt of
+    CALIBRATION_TOKENS tokens (:func:`accelc.bench.passkey_trial`, fixed seed), averaged over its
+    last RETRIEVAL_QUERIES tokens -- the question, whose heads that fetch the key from far back are
+    retrieval heads.  A KV head's share is the smaller of the two, so a head that language
+    modelling leaves local but retrieval needs is not made streaming.  Cached on disk.
     """
-    from accelc.bench import corpus_text
+    from accelc.bench import corpus_text, passkey_trial
     from accelc.models import cache_dir
 
     cfg = model.config
-    ident = hashlib.sha256(json.dumps([cfg.to_json_string(), sink, local, CALIBRATION_TOKENS, tokenizer is not None,
+    ident = hashlib.sha256(json.dumps([cfg.to_json_string(), sink, local, CALIBRATION_TOKENS, RETRIEVAL_QUERIES, 2,
+                                       tokenizer is not None,
                                        float(next(model.parameters()).flatten()[:64].sum())]).encode()).hexdigest()[:16]
     path = cache_dir() / "calibration" / f"streaming-{ident}.json"
     if path.exists():
@@ -87,33 +127,21 @@ def calibrate_streaming_heads(model: torch.nn.Module, layers: list[int], sink: i
         ids = torch.tensor([text_ids])
     else:  # no tokenizer (or a toy vocabulary): seeded random tokens
         ids = torch.randint(3, cfg.vocab_size, (1, CALIBRATION_TOKENS), generator=torch.Generator().manual_seed(0))
-    n = ids.shape[1]
-    i = torch.arange(n)[:, None]
-    j = torch.arange(n)[None, :]
-    window = (j < sink) | (j > i - local)
-    mass: dict[int, list[float]] = {}
-    hooks = []
-    n_kv = getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
-    group = cfg.num_attention_heads // n_kv
-
-    def hook(layer):
-        def fn(_mod, _inp, out):
-            w = out[1]  # (1, H, n, n)
-            share = (w * window).sum(-1).mean(-1)[0]  # (H,)
-            mass[layer] = share.view(n_kv, group).min(1).values.tolist()
-        return fn
-
+    runs = [(ids, slice(min(sink + local, ids.shape[1] - 1), None))]
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        trial = passkey_trial(tokenizer, CALIBRATION_TOKENS, 0.5, seed=12345)
+        chat = tokenizer.apply_chat_template([{"role": "user", "content": trial.text}], add_generation_prompt=True,
+                                             tokenize=False)
+        p_ids = tokenizer.encode(chat, add_special_tokens=False)
+        if max(p_ids) < cfg.vocab_size:
+            runs.append((torch.tensor([p_ids]), slice(-RETRIEVAL_QUERIES, None)))
     prev = model.config._attn_implementation
     model.set_attn_implementation("eager")
     try:
-        for l in layers:
-            hooks.append(model.model.layers[l].self_attn.register_forward_hook(hook(l)))
-        with torch.inference_mode():
-            model(ids, output_attentions=True)
+        shares = [_window_shares(model, run_ids, layers, sink, local, queries) for run_ids, queries in runs]
     finally:
-        for h in hooks:
-            h.remove()
         model.set_attn_implementation(prev)
+    mass = {l: [min(vals) for vals in zip(*(sh[l] for sh in shares))] for l in layers}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(mass))

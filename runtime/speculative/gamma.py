@@ -150,13 +150,18 @@ class AdaptiveGamma(GammaPolicy):
         ratio = draft_seconds_per_token / verify_seconds
         self.cost_ratio += (ratio - self.cost_ratio) / self._cost_samples
 
-    def keep_drafting_batch(self, step: int, draft_probs: torch.Tensor | None, batch: int) -> torch.Tensor:
+    def _observe(self, step: int, draft_probs: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """Start the step's bookkeeping at step 1; record and return draft ``step``'s confidence (batch,)."""
         if step == 1:
             self._confidences = []
             self._survive = torch.ones(batch, dtype=torch.float64)
             self._expected = torch.ones(batch, dtype=torch.float64)
         confidence = torch.ones(batch) if draft_probs is None else draft_probs.detach().float().amax(dim=-1).cpu()
         self._confidences.append(confidence)
+        return confidence
+
+    def keep_drafting_batch(self, step: int, draft_probs: torch.Tensor | None, batch: int) -> torch.Tensor:
+        confidence = self._observe(step, draft_probs, batch)
         self._survive = self._survive * self.acceptance(confidence)
         self._expected = self._expected + self._survive
         if step >= self.gamma_max:
@@ -173,12 +178,7 @@ class AdaptiveGamma(GammaPolicy):
         Keeping d_n adds P_n = P_{n-1} a(c_n) expected tokens for one more cost unit r, so it
         raises the throughput iff  P_n (1 + (n - 1) r) > r (1 + sum_{k<n} P_k).  Call with
         step = 1, 2, ... in order; a row that was not kept must not be asked again this step."""
-        if step == 1:
-            self._confidences = []
-            self._survive = torch.ones(batch, dtype=torch.float64)
-            self._expected = torch.ones(batch, dtype=torch.float64)
-        confidence = torch.ones(batch) if draft_probs is None else draft_probs.detach().float().amax(dim=-1).cpu()
-        self._confidences.append(confidence)
+        confidence = self._observe(step, draft_probs, batch)
         survive = self._survive * self.acceptance(confidence)
         r = self.cost_ratio
         keep = survive * (1.0 + (step - 1) * r) > r * self._expected
