@@ -408,8 +408,9 @@ class PasskeyTrial:
 
 
 def _chat_len(tokenizer, text: str) -> int:
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
-    return len(tokenizer.encode(chat, add_special_tokens=False))
+    from accelc.runtime.engine import chat_ids
+
+    return len(chat_ids(tokenizer, text))
 
 
 def passkey_trial(tokenizer, length: int, depth: float, seed: int) -> PasskeyTrial:

@@ -95,9 +95,9 @@ def _prompts(loaded, humaneval: int, chat: int) -> dict[str, list[list[int]]]:
     tok = loaded.tokenizer
     groups = {"humaneval": [list(tok.encode(p)) for p in humaneval_prompts(humaneval)]}
     if chat:
-        groups["chat"] = [list(tok.encode(tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                                                    tokenize=False), add_special_tokens=False))
-                          for p in CHAT_PROMPTS[:chat]]
+        from accelc.runtime.engine import chat_ids
+
+        groups["chat"] = [chat_ids(tok, p) for p in CHAT_PROMPTS[:chat]]
     return groups
 
 
@@ -243,12 +243,13 @@ def _step_costs(cm, ids: list[int], layers: list[int], widths: range, repeats: i
     eng.step(cache, t, torch.arange(n)[None], torch.tensor([n]), torch.tensor([[n - 1]]), prefill=True)
     snap = cache.snapshot()
 
+    from accelc.runtime.speculative.loop import SpeculativeEngine
+
     def run(graph, names, w):
         cache.restore(snap)
-        feeds = cache.inputs()
         head = {"draft_head_weight": getattr(cm.program.gm, cm.engine.plan["head_weight"])} if "draft_head_weight" in names else {}
-        return graph(input_ids=t[:, :w], position_ids=(n + torch.arange(w))[None], q_len=torch.tensor([w]), tree_mask=None,
-                     logits_index=torch.arange(w)[None], **head, **{k: feeds[k] for k in names if k in feeds})
+        return SpeculativeEngine._call((graph, names), cache.inputs(), input_ids=t[:, :w], position_ids=(n + torch.arange(w))[None],
+                                       q_len=torch.tensor([w]), tree_mask=None, logits_index=torch.arange(w)[None], **head)
 
     main_names = list(cm.program.inputs)
     verify = {w: _time_forward(lambda: run(eng.gm, main_names, w), repeats) for w in widths}

@@ -113,6 +113,7 @@ def calibrate_streaming_heads(model: torch.nn.Module, layers: list[int], sink: i
     """
     from accelc.bench import corpus_text, passkey_trial
     from accelc.models import cache_dir
+    from accelc.runtime.engine import chat_ids
 
     cfg = model.config
     ident = hashlib.sha256(json.dumps([cfg.to_json_string(), sink, local, CALIBRATION_TOKENS, RETRIEVAL_QUERIES, 2,
@@ -129,10 +130,7 @@ def calibrate_streaming_heads(model: torch.nn.Module, layers: list[int], sink: i
         ids = torch.randint(3, cfg.vocab_size, (1, CALIBRATION_TOKENS), generator=torch.Generator().manual_seed(0))
     runs = [(ids, slice(min(sink + local, ids.shape[1] - 1), None))]
     if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-        trial = passkey_trial(tokenizer, CALIBRATION_TOKENS, 0.5, seed=12345)
-        chat = tokenizer.apply_chat_template([{"role": "user", "content": trial.text}], add_generation_prompt=True,
-                                             tokenize=False)
-        p_ids = tokenizer.encode(chat, add_special_tokens=False)
+        p_ids = chat_ids(tokenizer, passkey_trial(tokenizer, CALIBRATION_TOKENS, 0.5, seed=12345).text)
         if max(p_ids) < cfg.vocab_size:
             runs.append((torch.tensor([p_ids]), slice(-RETRIEVAL_QUERIES, None)))
     prev = model.config._attn_implementation

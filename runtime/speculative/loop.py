@@ -388,7 +388,8 @@ class SpeculativeEngine(Engine):
         graphs = lambda kind: {  # noqa: E731  exit layer -> (graph, input names)
             k: (compiled.program.graphs[name], self.plan["inputs"][name]) for k, name in self.plan.get(kind, {}).items()}
         self.drafts, self.lowers, self.tails = graphs("graphs"), graphs("lower"), graphs("tail")
-        self.tail_layers = {k: list(range(k, self.info.n_layers)) for k in self.tails}
+        self._head_ids: torch.Tensor | None = None  # rows of the LM head gathered for the draft head
+        self._head: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self.lookup = PromptLookupDrafter(self.sp.ngram_max, self.sp.ngram_min) if self.sp.draft == "prompt_lookup" else None
         self.learned: _Learned | None = None  # shared by greedy generations
         # streaming heads attend by position windows, not along a tree: Token Recycling then
@@ -668,10 +669,16 @@ class SpeculativeEngine(Engine):
         seen = rows.context[torch.arange(rows.context.shape[1], device=rows.length.device)[None, :] < rows.length[:, None]]
         extra = torch.unique(seen[seen >= k])
         ids = torch.cat([torch.arange(k, device=weight.device), extra.to(weight.device)])
-        if getattr(self, "_head_ids", None) is None or not torch.equal(self._head_ids, ids):
+        if self._head_ids is None or not torch.equal(self._head_ids, ids):
             self._head_ids = ids
             self._head = (torch.cat([weight[:k], weight[extra]]), None if bias is None else bias[ids])
         return self._head[0], self._head[1], ids
+
+    @staticmethod
+    def _call(entry: tuple[Any, list[str]], feeds: dict[str, torch.Tensor], **given: Any) -> Any:
+        """Run a cut graph (graph, input names) with the given inputs and cache feeds it takes."""
+        graph, names = entry
+        return graph(**{n: given[n] if n in given else feeds[n] for n in names if n in given or n in feeds})
 
     def _early_exit_step(self, cache: KVCache, rows: _Rows, gamma: int, budget: torch.Tensor, st: _Run, layer: int,
                          active: torch.Tensor) -> tuple[Proposal, VerifyResult, float]:
@@ -687,9 +694,6 @@ class SpeculativeEngine(Engine):
         forward and gives the target logits at every drafted position: verification as usual, and
         rollback resets every layer's lengths.  Returns (proposal, verification, end of drafting).
         """
-        draft_gm, draft_names = self.drafts[layer]
-        lower_gm, lower_names = self.lowers[layer]
-        tail_gm, tail_names = self.tails[layer]
         sampling, policy = st.sampling, st.policy
         B = rows.pos.shape[0]
         dev = rows.pos.device
@@ -713,11 +717,9 @@ class SpeculativeEngine(Engine):
             common = dict(input_ids=cur[:, None], position_ids=(rows.pos + j)[:, None], q_len=ones, tree_mask=None,
                           logits_index=zero_idx)
             if not drafting:
-                hidden.append(lower_gm(**{n: v for n, v in common.items() if n in lower_names},
-                                       **{n: feeds[n] for n in lower_names if n in feeds}))
+                hidden.append(self._call(self.lowers[layer], feeds, **common))
                 break
-            logits, h = draft_gm(**{n: v for n, v in common.items() if n in draft_names}, **head,
-                                 **{n: feeds[n] for n in draft_names if n in feeds})
+            logits, h = self._call(self.drafts[layer], feeds, **common, **head)
             hidden.append(h)
             logits = logits[:, 0]
             if sampling.greedy:
@@ -741,18 +743,12 @@ class SpeculativeEngine(Engine):
         drafts = tokens[:, : width - 1]
         ids_in = torch.cat([rows.pending[:, None], drafts], dim=1)
         pos = rows.pos[:, None] + torch.arange(width, device=dev)
-        cache.ensure(width, layers=self.tail_layers[layer])
-        feeds = cache.inputs()
-        given = dict(exit_hidden=torch.cat(hidden, dim=1), input_ids=ids_in, position_ids=pos,
-                     q_len=torch.full((B,), width, dtype=torch.long, device=dev), tree_mask=None,
-                     logits_index=torch.arange(width, device=dev).expand(B, width))
-        logits = tail_gm(**{n: v for n, v in given.items() if n in tail_names}, **{n: feeds[n] for n in tail_names if n in feeds})
-        if sampling.greedy:
-            res = verify_greedy(drafts, logits.argmax(-1), lens)
-        else:
-            verify = verify_block if self.sp.verify == "block" else verify_tokenwise
-            q_all = torch.stack(probs, dim=1)[:, : width - 1] if probs else None
-            res = verify(drafts, q_all, probs_from_logits(logits, sampling), st.gen, lens)
+        cache.ensure(width, layers=list(range(layer, self.info.n_layers)))
+        logits = self._call(self.tails[layer], cache.inputs(), exit_hidden=torch.cat(hidden, dim=1), input_ids=ids_in,
+                            position_ids=pos, q_len=torch.full((B,), width, dtype=torch.long, device=dev), tree_mask=None,
+                            logits_index=torch.arange(width, device=dev).expand(B, width))
+        q_all = torch.stack(probs, dim=1)[:, : width - 1] if probs else None
+        res = self._verify_logits(drafts, q_all, logits, lens, st)
         cache.restore(snap, torch.where(active, res.accepted + 1, 0))
         return Proposal(drafts, lens, None), res, t_draft
 
@@ -784,6 +780,15 @@ class SpeculativeEngine(Engine):
         q_len = torch.full((B,), W, dtype=torch.long, device=ids.device)
         return self.step(cache, ids, pos, q_len, index, tree_mask=tree_mask)
 
+    def _verify_logits(self, drafts: torch.Tensor, q: torch.Tensor | None, logits: torch.Tensor, lengths: torch.Tensor,
+                       st: _Run) -> VerifyResult:
+        """Verify a chain of drafts (B, W) against the target logits (B, W + 1, V): greedy matching
+        at T = 0, else token-wise or block verification with the drafts' distributions q."""
+        if st.sampling.greedy:
+            return verify_greedy(drafts, logits.argmax(-1), lengths)
+        verify = verify_block if self.sp.verify == "block" else verify_tokenwise
+        return verify(drafts, q, probs_from_logits(logits, st.sampling), st.gen, lengths)
+
     def _verify_chain(self, cache: KVCache, rows: _Rows, proposal: Proposal, st: _Run, active: torch.Tensor) -> VerifyResult:
         """Verify [pending, drafts] in one forward and roll the cache back to the kept entries."""
         width = int(proposal.lengths.max()) if proposal.lengths.numel() else 0
@@ -792,12 +797,8 @@ class SpeculativeEngine(Engine):
         pos = rows.pos[:, None] + torch.arange(width + 1, device=ids.device)
         snap = cache.snapshot()
         logits = self._forward(cache, ids, pos)
-        if st.sampling.greedy:
-            res = verify_greedy(drafts, logits.argmax(-1), proposal.lengths)
-        else:
-            verify = verify_block if self.sp.verify == "block" else verify_tokenwise
-            q = proposal.probs[:, :width] if proposal.probs is not None else None
-            res = verify(drafts, q, probs_from_logits(logits, st.sampling), st.gen, proposal.lengths)
+        q = proposal.probs[:, :width] if proposal.probs is not None else None
+        res = self._verify_logits(drafts, q, logits, proposal.lengths, st)
         cache.restore(snap, torch.where(active, res.accepted + 1, 0))
         if st.recycler is not None:
             real = torch.arange(width + 1, device=ids.device)[None, :] <= proposal.lengths[:, None]
