@@ -514,6 +514,9 @@ class PromptLookup(_Draft):
     draft: Literal["prompt_lookup"]
     ngram_max: int = Field(3, ge=1, description="longest n-gram matched: an int >= 1")
     ngram_min: int = Field(1, ge=1, description="shortest n-gram matched: an int >= 1 and <= ngram_max")
+    tree_nodes: int = Field(
+        0, ge=0, description="0: verify one chain (the latest match); N > 0: at T = 0 verify a tree of up to N candidate "
+                             "tokens from every earlier match in one forward: an int >= 0")
 
     @model_validator(mode="after")
     def _min_le_max(self) -> "PromptLookup":

@@ -231,3 +231,80 @@ def test_recycling_learns_a_deterministic_target_end_to_end():
             t = (3 * t + 1) % vocab
             expected.append(t)
         assert result.tokens[b].tolist() == expected
+
+
+# ------------------------------------------------------------------------ prompt-lookup trees
+def _brute_continuations(row: list[int], depth: int, ngram_min: int, cap: int = 16) -> dict[tuple, float]:
+    """Every root-to-node path of the lookup tree with its weight, by brute force."""
+    n = len(row)
+    paths: dict[tuple, float] = {}
+    for s in range(n - 1):
+        if row[s] != row[-1]:
+            continue
+        match = 1
+        while match < cap and s - match >= 0 and match < n and row[s - match] == row[n - 1 - match]:
+            match += 1
+        if match < ngram_min:
+            continue
+        period = n - 1 - s
+        cont = [row[s + 1 + j % period] for j in range(depth)]
+        for j in range(1, depth + 1):
+            paths[tuple(cont[:j])] = paths.get(tuple(cont[:j]), 0.0) + 2.0 ** match
+    return paths
+
+
+@settings(max_examples=150, deadline=None)
+@given(row=st.lists(st.integers(0, 4), min_size=1, max_size=40), depth=st.integers(0, 5), ngram_min=st.integers(1, 3))
+def test_lookup_tree_candidates_match_brute_force(row, depth, ngram_min):
+    """The candidate tree holds exactly the distinct continuations of every earlier occurrence of
+    the last token (matching at least ngram_min tokens), in BFS order, with their summed weights."""
+    drafter = PromptLookupDrafter(3, ngram_min) if ngram_min <= 3 else None
+    ctx = torch.tensor([row + [0, 0]])
+    (cand,) = drafter.tree_candidates(ctx, torch.tensor([len(row)]), torch.tensor([depth]))
+    paths = {}
+    for i in range(len(cand)):
+        node, path = i + 1, []
+        while node:
+            path.append(cand.tokens[node - 1])
+            assert cand.parents[node - 1] < node
+            node = cand.parents[node - 1]
+        paths[tuple(reversed(path))] = cand.weight[i]
+        assert cand.depth[i] == len(path)
+    assert paths == _brute_continuations(row, depth, ngram_min)
+    assert cand.depth == sorted(cand.depth)
+    total = sum(w for p, w in paths.items() if len(p) == 1)
+    for i in range(len(cand)):
+        parent = cand.parents[i]
+        assert cand.share[i] == pytest.approx(cand.weight[i] / (total if parent == 0 else cand.weight[parent - 1]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_per_row_trees_verify_like_each_row_alone(data):
+    """A batch of per-row trees (padded with dead nodes) verifies every row exactly as that row's
+    tree alone; dead nodes are never accepted."""
+    batch = data.draw(st.integers(1, 3))
+    rows, alone = [], []
+    for _ in range(batch):
+        size = data.draw(st.integers(0, 6))
+        parents = [data.draw(st.integers(0, i)) for i in range(size)]  # node i + 1 hangs off 0..i
+        toks = data.draw(st.lists(st.integers(0, 2), min_size=size, max_size=size))
+        rows.append((toks, parents))
+    roots = torch.tensor(data.draw(st.lists(st.integers(0, 2), min_size=batch, max_size=batch)))
+    tree = DraftTree.from_rows(roots, rows)
+    argmax = torch.tensor(data.draw(st.lists(st.lists(st.integers(0, 2), min_size=tree.size, max_size=tree.size),
+                                             min_size=batch, max_size=batch)))
+    res = verify_tree_greedy(tree, argmax)
+    for b, (toks, parents) in enumerate(rows):
+        n = len(toks) + 1
+        depth = [0] * n
+        for i, p in enumerate(parents, start=1):
+            depth[i] = depth[p] + 1
+        single = DraftTree(torch.tensor([[int(roots[b])] + toks]), torch.tensor([-1] + parents), torch.tensor(depth))
+        one = verify_tree_greedy(single, argmax[b:b + 1, :n])
+        assert int(res.accepted[b]) == int(one.accepted[0])
+        k = int(one.accepted[0]) + 1
+        assert res.tokens[b, :k].tolist() == one.tokens[0, :k].tolist()
+        assert res.path[b, :k].tolist() == one.path[0, :k].tolist()
+    mask = tree.tree_mask()
+    assert mask.shape == (batch, tree.size, tree.size)

@@ -19,6 +19,7 @@ from accelc.runtime.speculative import loop as loop_mod
 from accelc.runtime.speculative.loop import (
     CalibratedGamma,
     ExitLayerChooser,
+    NodeCalibration,
     SpeculativeEngine,
     VerifyCost,
     compact_path,
@@ -30,6 +31,7 @@ DRAFTS = {
     "early_exit": {"draft": "early_exit", "exit_layer": 2},
     "early_exit_adaptive": {"draft": "early_exit", "exit_layer": "adaptive"},
     "prompt_lookup": {"draft": "prompt_lookup", "ngram_max": 3, "ngram_min": 1},
+    "prompt_lookup_tree": {"draft": "prompt_lookup", "ngram_max": 3, "ngram_min": 1, "tree_nodes": 8},
     "token_recycling": {"draft": "token_recycling", "successors": 4, "tree_width": 4},
 }
 GAMMAS = (3, "heuristic", "adaptive")
@@ -374,6 +376,37 @@ def test_calibrated_gamma_drafts_by_calibrated_acceptance():
     assert costly < cheap  # a costly verification: draft less
     single = CalibratedGamma.single(gamma_max=4, prior=0.05)  # a drafter that is rarely right: decode plainly
     assert single.choose(torch.tensor([1]), base=0.05, per_token=0.01, extra=0.02).item() == 0
+
+
+def test_lookup_tree_holds_every_earlier_continuation_and_stays_lossless(compiled, plain):
+    """Prompts whose last tokens recur with different continuations: the tree verifies all of them
+    at once (widths > the chain's), and the output stays the plain greedy one for a batch."""
+    cm = fresh(compiled("prompt_lookup_tree", 3, "token"))
+    prompts = [[5, 6, 7, 8, 5, 6, 9, 10, 5, 6], [9, 10, 11, 9, 10, 12, 9, 10]]
+    ref = plain.engine.generate(prompts, max_new_tokens=30, eos=False)
+    res = cm.engine.generate(prompts, max_new_tokens=30, eos=False)
+    assert res.tokens == ref.tokens
+    cands = cm.engine.lookup.tree_candidates(torch.tensor([prompts[0]]), torch.tensor([10]), torch.tensor([2]))
+    assert sorted(cands[0].tokens[:2]) == [7, 9]                # both continuations of "5 6"
+
+
+def test_node_calibration_grows_the_tree_by_calibrated_probability():
+    """Nodes are taken from the root in decreasing P while they pay for their verification; a
+    child is never taken without its parent and never counts as likelier than it."""
+    from accelc.runtime.speculative.drafts import LookupCandidates
+
+    cand = LookupCandidates(tokens=[1, 2, 3, 4], parents=[0, 0, 1, 3], depth=[1, 1, 2, 3],
+                            weight=[8.0, 2.0, 8.0, 8.0], share=[0.8, 0.2, 1.0, 1.0], match=[8, 1, 8, 8])
+    cal = NodeCalibration()
+    keys = cal.keys(cand)
+    assert len(set(keys)) == 4
+    cal.successes.view(-1)[torch.tensor(keys)] = torch.tensor([0.9, 0.05, 0.95, 0.8]) * cal.trials.view(-1)[torch.tensor(keys)]
+    picked, got = cal.choose(cand, base=1.0, per_token=0.1, limit=8)
+    assert picked == [0, 2, 3] and got == [keys[i] for i in picked]      # the 0.05 node does not pay
+    assert cal.choose(cand, base=1.0, per_token=0.1, limit=2)[0] == [0, 2]
+    assert cal.choose(cand, base=0.1, per_token=1.0, limit=8)[0] == []  # a node costs more than it brings
+    cal.update(keys[:2], [True, False])
+    assert cal.trials.view(-1)[keys[1]] == 3.0
 
 
 def test_calibrated_gamma_learns_acceptance_per_position():

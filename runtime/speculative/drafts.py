@@ -14,7 +14,7 @@ and implements the same protocol.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -22,6 +22,7 @@ import torch
 __all__ = [
     "DraftTree",
     "Drafter",
+    "LookupCandidates",
     "PromptLookupDrafter",
     "Proposal",
     "TokenRecyclingDrafter",
@@ -63,49 +64,90 @@ class Drafter(Protocol):
 
 @dataclass(frozen=True)
 class DraftTree:
-    """A tree of candidate tokens, one tree shape shared by all rows.
+    """A tree of candidate tokens per row: one shape shared by all rows, or one shape per row.
 
     tokens: (B, S) int64 -- the token of every node; node 0 is the root (the last committed token,
         not yet in the KV cache), nodes are in BFS order (a parent precedes its children).
-    parents: (S,) int64 -- the parent node of every node, -1 for the root.
-    depth: (S,) int64 -- distance from the root (position offset of the node in the sequence).
+    parents: (S,) int64 shared by the rows, or (B, S) one tree per row -- the parent node of every
+        node, -1 for the root.
+    depth: like ``parents`` -- distance from the root (position offset of the node in the sequence).
+    live: (B, S) bool or None (all live) -- False marks padding nodes of a row whose tree is
+        smaller than S; they hang off the root and are never accepted.
     """
 
     tokens: torch.Tensor
     parents: torch.Tensor
     depth: torch.Tensor
+    live: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        size = self.parents.shape[0]
-        if self.tokens.dim() != 2 or self.tokens.shape[1] != size or self.depth.shape != (size,):
+        size = self.parents.shape[-1]
+        per_row = self.parents.dim() == 2
+        if (self.tokens.dim() != 2 or self.tokens.shape[1] != size or self.depth.shape != self.parents.shape
+                or self.parents.dim() not in (1, 2) or (per_row and self.parents.shape[0] != self.tokens.shape[0])):
             raise ValueError(
-                f"tokens must be (B, S), parents and depth (S,); got {tuple(self.tokens.shape)}, "
-                f"({size},), {tuple(self.depth.shape)}"
+                f"tokens must be (B, S), parents and depth (S,) or (B, S); got {tuple(self.tokens.shape)}, "
+                f"{tuple(self.parents.shape)}, {tuple(self.depth.shape)}"
             )
-        if size == 0 or int(self.parents[0]) != -1 or int(self.depth[0]) != 0:
+        if self.live is not None and (self.live.shape != self.tokens.shape or self.live.dtype != torch.bool):
+            raise ValueError(f"live must be bool {tuple(self.tokens.shape)}, got {self.live.dtype} {tuple(self.live.shape)}")
+        parents, depth = self.parents.reshape(-1, size), self.depth.reshape(-1, size)
+        if size == 0 or bool((parents[:, 0] != -1).any()) or bool((depth[:, 0] != 0).any()):
             raise ValueError("node 0 must be the root: parents[0] = -1 and depth[0] = 0")
-        rest = self.parents[1:]
+        rest = parents[:, 1:]
         if bool(((rest < 0) | (rest >= torch.arange(1, size))).any()):
             raise ValueError("every non-root node's parent must precede it (BFS order)")
-        if bool((self.depth[1:] != self.depth[rest] + 1).any()):
+        if bool((depth[:, 1:] != depth.gather(1, rest) + 1).any()):
             raise ValueError("depth must be the parent's depth + 1")
+
+    @classmethod
+    def from_rows(cls, roots: torch.Tensor, rows: list[tuple[list[int], list[int]]]) -> "DraftTree":
+        """A per-row tree from each row's non-root nodes: ``rows[b] = (tokens, parents)`` in BFS
+        order, parents indexing the row's nodes with the root as 0.  Rows are padded to the widest
+        with dead nodes (children of the root, ``live`` False).  roots: (B,) int64 root tokens."""
+        size = 1 + max((len(t) for t, _ in rows), default=0)
+        batch = len(rows)
+        tokens = torch.zeros(batch, size, dtype=torch.long)
+        parents = torch.zeros(batch, size, dtype=torch.long)
+        depth = torch.ones(batch, size, dtype=torch.long)
+        live = torch.zeros(batch, size, dtype=torch.bool)
+        parents[:, 0], depth[:, 0], live[:, 0] = -1, 0, True
+        for b, (toks, pars) in enumerate(rows):
+            n = len(toks)
+            if n:
+                tokens[b, 1:n + 1] = torch.tensor(toks, dtype=torch.long)
+                parents[b, 1:n + 1] = torch.tensor(pars, dtype=torch.long)
+                live[b, 1:n + 1] = True
+                row_depth = [0] * (n + 1)
+                for i, par in enumerate(pars, start=1):
+                    row_depth[i] = row_depth[par] + 1
+                depth[b, :n + 1] = torch.tensor(row_depth, dtype=torch.long)
+        tokens[:, 0] = roots.cpu()
+        dev = roots.device
+        return cls(tokens.to(dev), parents.to(dev), depth.to(dev), live.to(dev))
 
     @property
     def size(self) -> int:
         """Number of nodes S (root included)."""
-        return int(self.parents.shape[0])
+        return int(self.parents.shape[-1])
 
     def tree_mask(self) -> torch.Tensor:
-        """(S, S) bool: [i, j] is True when node j is node i or one of its ancestors (the
-        attention mask of the verification forward: node i attends to its root-to-node path)."""
-        mask = torch.eye(self.size, dtype=torch.bool)
+        """(S, S) bool, or (B, S, S) for per-row trees: [i, j] is True when node j is node i or one
+        of its ancestors (the attention mask of the verification forward: node i attends to its
+        root-to-node path)."""
+        parents = self.parents.reshape(-1, self.size).cpu()
+        mask = torch.eye(self.size, dtype=torch.bool).repeat(parents.shape[0], 1, 1)
         for node in range(1, self.size):
-            mask[node] |= mask[int(self.parents[node])]
-        return mask
+            mask[:, node] |= mask[torch.arange(parents.shape[0]), parents[:, node]]
+        mask = mask.to(self.parents.device)
+        return mask[0] if self.parents.dim() == 1 else mask
 
     @property
     def paths(self) -> torch.Tensor:
-        """(P, max_depth + 1) int64: node indices of every root-to-leaf path (root first), -1 padded."""
+        """(P, max_depth + 1) int64: node indices of every root-to-leaf path (root first), -1 padded
+        (shared trees only)."""
+        if self.parents.dim() != 1:
+            raise ValueError("paths: only for a tree shared by all rows")
         is_parent = torch.zeros(self.size, dtype=torch.bool)
         is_parent[self.parents[1:]] = True
         leaves = (~is_parent).nonzero().squeeze(1)
@@ -113,6 +155,28 @@ class DraftTree:
         index = torch.arange(self.size)
         ordered = torch.where(on_path, index, self.size).sort(dim=1).values[:, : int(self.depth.max()) + 1]
         return torch.where(ordered < self.size, ordered, -1)
+
+
+@dataclass
+class LookupCandidates:
+    """One row's candidate tree from every earlier occurrence of its last token (non-root nodes in
+    BFS order; node i of the lists is tree node i + 1, the root is node 0).
+
+    tokens, parents: the nodes; depth: distance from the root; weight: sum over the occurrences
+    whose continuation passes through the node of 2 ** (match length, at most ``cap``); share:
+    weight / the parent's weight (the root's weight is the total); match: the longest match
+    length among those occurrences.
+    """
+
+    tokens: list[int] = field(default_factory=list)
+    parents: list[int] = field(default_factory=list)
+    depth: list[int] = field(default_factory=list)
+    weight: list[float] = field(default_factory=list)
+    share: list[float] = field(default_factory=list)
+    match: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
 
 
 class PromptLookupDrafter:
@@ -149,6 +213,69 @@ class PromptLookupDrafter:
         tokens = context.gather(1, index.clamp(max=context.shape[1] - 1))
         tokens = torch.where(found[:, None], tokens, 0)
         return Proposal(tokens=tokens, lengths=torch.where(found, gamma, 0), probs=None)
+
+    def tree_candidates(self, context: torch.Tensor, lengths: torch.Tensor, depth: torch.Tensor, cap: int = 16,
+                        occurrences: int = 64) -> list[LookupCandidates]:
+        """Candidate trees for tree verification (SuffixDecoding-style, on prompt + generated text).
+
+        Every earlier occurrence s of a row's last token whose match -- the number L of tokens
+        ending at s that equal the tokens ending the context, at most ``cap`` -- is at least
+        ``ngram_min`` contributes its continuation (up to ``depth[b]`` tokens, LZ77-style past the
+        end as in :meth:`propose`) with weight 2 ** L; the ``occurrences`` longest matches (the most
+        recent on ties) are kept.  Continuations sharing a prefix share nodes, so the tree holds
+        every distinct continuation and the weights say how often, and after how long a match,
+        each one followed.
+
+        context: (B, T) int64; lengths: (B,) int64; depth: (B,) int64 the deepest node per row.
+        """
+        out = []
+        steps = torch.arange(1, cap, device=context.device)
+        for b in range(context.shape[0]):
+            n, d = int(lengths[b]), int(depth[b])
+            cand = LookupCandidates()
+            out.append(cand)
+            if n < 2 or d < 1:
+                continue
+            row = context[b, :n]
+            occ = (row[:-1] == row[-1]).nonzero().squeeze(1)  # earlier positions of the last token
+            if occ.numel() == 0:
+                continue
+            before = occ[:, None] - steps[None, :]
+            same = (before >= 0) & (row[before.clamp(min=0)] == row[(n - 1 - steps).clamp(min=0)][None, :]) & (steps < n)[None, :]
+            match = 1 + same.long().cumprod(dim=1).sum(dim=1)
+            keep = match >= self.ngram_min
+            occ, match = occ[keep], match[keep]
+            if occ.numel() == 0:
+                continue
+            order = torch.argsort(match * n + occ, descending=True)[:occurrences]
+            occ, match = occ[order], match[order]
+            period = (n - 1 - occ).clamp(min=1)
+            offsets = torch.arange(d, device=context.device)
+            conts = row[occ[:, None] + 1 + offsets[None, :] % period[:, None]].tolist()
+            index: dict[tuple[int, ...], int] = {}
+            total = 0.0
+            for cont, m in zip(conts, match.tolist()):
+                w = float(2 ** m)
+                total += w
+                parent = 0
+                for j in range(d):
+                    key = tuple(cont[: j + 1])
+                    node = index.get(key)
+                    if node is None:
+                        node = len(cand.tokens) + 1
+                        index[key] = node
+                        cand.tokens.append(cont[j])
+                        cand.parents.append(parent)
+                        cand.depth.append(j + 1)
+                        cand.weight.append(0.0)
+                        cand.match.append(m)
+                    cand.weight[node - 1] += w
+                    cand.match[node - 1] = max(cand.match[node - 1], m)
+                    parent = node
+            # dict insertion is depth-first per continuation: reorder to BFS (by depth, stable)
+            _to_bfs(cand)
+            cand.share = [w / (total if p == 0 else cand.weight[p - 1]) for w, p in zip(cand.weight, cand.parents)]
+        return out
 
     def observe(self, tokens: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """Prompt lookup does not learn from logits."""
@@ -301,3 +428,15 @@ def _check_context(context: torch.Tensor, lengths: torch.Tensor, gamma: int) -> 
         raise ValueError(f"lengths must be in [1, T={context.shape[1]}], got {lengths.tolist()}")
     if gamma < 0:
         raise ValueError(f"gamma must be >= 0, got {gamma}")
+
+
+def _to_bfs(cand: LookupCandidates) -> None:
+    """Reorder a candidate tree's nodes by depth (stable), renumbering the parents."""
+    order = sorted(range(len(cand.tokens)), key=lambda i: cand.depth[i])
+    new = {old + 1: pos + 1 for pos, old in enumerate(order)}
+    new[0] = 0
+    cand.tokens = [cand.tokens[i] for i in order]
+    cand.parents = [new[cand.parents[i]] for i in order]
+    cand.depth = [cand.depth[i] for i in order]
+    cand.weight = [cand.weight[i] for i in order]
+    cand.match = [cand.match[i] for i in order]

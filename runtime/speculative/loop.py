@@ -41,6 +41,7 @@ bound (UCB1, Auer et al. 2002) instead of DEL's shadow acceptance of all layers.
 """
 from __future__ import annotations
 
+import heapq
 import math
 import time
 from dataclasses import dataclass, field
@@ -51,7 +52,7 @@ import torch
 from accelc.runtime.cache import KVCache
 from accelc.runtime.engine import Engine, GenerationResult, _cut_at_stop, _hits_stop
 from accelc.runtime.sampling import SamplingParams, choose, probs_from_logits, sample
-from accelc.runtime.speculative.drafts import PromptLookupDrafter, Proposal, TokenRecyclingDrafter
+from accelc.runtime.speculative.drafts import DraftTree, LookupCandidates, PromptLookupDrafter, Proposal, TokenRecyclingDrafter
 from accelc.runtime.speculative.gamma import AdaptiveGamma, GammaPolicy, make_gamma_policy
 from accelc.runtime.speculative.verify import VerifyResult, verify_block, verify_greedy, verify_tokenwise, verify_tree_greedy
 
@@ -323,6 +324,76 @@ class CalibratedGamma:
         self.trials.index_add_(0, idx, tried)
 
 
+class NodeCalibration:
+    """Which candidates of a prompt-lookup tree (``tree_nodes: N``) to verify, with ``gamma: adaptive``.
+
+    A candidate node is described by a bucket: its longest match length (1..8, longer ones share
+    the last), its depth (1..8) and its share of its parent's weight (three bins: it is one of
+    several continuations, the main one, or the only one).  Per bucket P(node on the accepted
+    path) = successes / trials starts at a prior (two pseudo-observations) and counts every
+    verified node.  A row then takes nodes in decreasing P while one more node raises the
+    expected tokens per second, P * cost > per_token * expected (expected = 1 + sum of the
+    chosen P, cost = base + per_token * (1 + chosen), the :class:`VerifyCost` line), growing the
+    tree from the root (a node's P is capped by its parent's), up to ``N`` nodes.  A node's P is not conditional: it is
+    calibrated directly on how often nodes of its bucket were accepted, so an uncertain tree
+    stays small and a verbatim copy grows deep.
+    """
+
+    MATCH, DEPTH, SHARE = 8, 8, 3
+
+    def __init__(self, prior: float = 0.5):
+        shape = (self.MATCH, self.DEPTH, self.SHARE)
+        self.trials = torch.full(shape, 2.0, dtype=torch.float64)
+        self.successes = torch.full(shape, 2.0 * prior, dtype=torch.float64)
+
+    def keys(self, cand: LookupCandidates) -> list[int]:
+        """Flat bucket index of every node of ``cand``."""
+        out = []
+        for m, d, sh in zip(cand.match, cand.depth, cand.share):
+            share = 0 if sh < 0.5 else (1 if sh < 1.0 else 2)
+            out.append(((min(m, self.MATCH) - 1) * self.DEPTH + min(d, self.DEPTH) - 1) * self.SHARE + share)
+        return out
+
+    def choose(self, cand: LookupCandidates, base: float, per_token: float, limit: int) -> tuple[list[int], list[int]]:
+        """Chosen node indices of ``cand`` (0-based, ascending = BFS order) and their buckets."""
+        if not len(cand) or limit < 1:
+            return [], []
+        keys = self.keys(cand)
+        p = (self.successes / self.trials).reshape(-1)[torch.tensor(keys)].tolist()
+        children: dict[int, list[int]] = {}
+        for i, parent in enumerate(cand.parents):
+            children.setdefault(parent - 1, []).append(i)
+        # grow from the root: always the most likely node of the frontier; a node is never more
+        # likely than its parent (its P is capped by the parent's)
+        frontier = [(-p[i], i) for i in children.get(-1, [])]
+        heapq.heapify(frontier)
+        expected, cost = 1.0, max(base, 1e-9) + per_token
+        chosen: list[int] = []
+        while frontier and len(chosen) < limit:
+            neg, i = heapq.heappop(frontier)
+            if -neg * cost <= per_token * expected:
+                break
+            chosen.append(i)
+            expected -= neg
+            cost += per_token
+            for c in children.get(i, []):
+                heapq.heappush(frontier, (-min(p[c], -neg), c))
+        picked = sorted(chosen)
+        return picked, [keys[i] for i in picked]
+
+    def update(self, keys: list[int], kept: list[bool]) -> None:
+        if keys:
+            idx = torch.tensor(keys)
+            self.trials.view(-1).index_add_(0, idx, torch.ones(len(keys), dtype=torch.float64))
+            self.successes.view(-1).index_add_(0, idx, torch.tensor(kept, dtype=torch.float64))
+
+
+def _subtree(cand: LookupCandidates, picked: list[int]) -> tuple[list[int], list[int]]:
+    """(tokens, parents) of the chosen nodes (ascending, parents chosen) renumbered from the root 0."""
+    number = {i: j + 1 for j, i in enumerate(picked)}
+    return [cand.tokens[i] for i in picked], [number.get(cand.parents[i] - 1, 0) for i in picked]
+
+
 def suffix_match_length(context: torch.Tensor, lengths: torch.Tensor, start: torch.Tensor, cap: int = 16) -> torch.Tensor:
     """(B,) int64: how many tokens before ``start`` equal the last tokens of the context (the
     lookup match extended backwards, at most ``cap``); 0 where start < 0 (no match).
@@ -348,6 +419,7 @@ class _Learned:
     chooser: ExitLayerChooser | None
     calibrated: CalibratedGamma | None
     recycler: TokenRecyclingDrafter | None
+    nodes: NodeCalibration | None = None
     costs: dict[int, VerifyCost] = field(default_factory=dict)
     draft_cost: dict[int, float] = field(default_factory=dict)  # exit layer -> seconds per draft token
 
@@ -368,6 +440,7 @@ class _Run:
     eos_ids: set[int]
     stop: Sequence[str]
     on_token: Callable[[int, int], None] | None
+    nodes: NodeCalibration | None = None
     modeled: bool = False  # learn from modeled costs instead of the clock (seeded sampling)
 
 
@@ -396,6 +469,7 @@ class SpeculativeEngine(Engine):
         # verifies its rank-0 chain instead of the tree
         attention = compiled.spec.attention
         self.tree_verify = not (attention and any(e.method == "streaming" for e in attention.sparse))
+        self.lookup_tree = self.lookup is not None and self.sp.tree_nodes > 0 and self.tree_verify
 
     def _fresh_learned(self) -> _Learned:
         sp = self.sp
@@ -408,6 +482,7 @@ class SpeculativeEngine(Engine):
             chooser=ExitLayerChooser(list(self.drafts)) if len(self.drafts) > 1 else None,
             calibrated=self._calibrated_gamma(),
             recycler=recycler,
+            nodes=NodeCalibration() if self.lookup_tree and sp.gamma == "adaptive" else None,
         )
 
     def _calibrated_gamma(self) -> CalibratedGamma | None:
@@ -445,7 +520,7 @@ class SpeculativeEngine(Engine):
             chooser=learned.chooser, calibrated=learned.calibrated, recycler=learned.recycler, draft_cost=learned.draft_cost,
             stats=SpecStats(self.sp.draft, self.sp.gamma_max), cost=learned.costs.setdefault(B, VerifyCost()),
             eos_ids=set(self.info.eos_token_ids) if eos else set(), stop=stop, on_token=on_token,
-            modeled=not sampling.greedy and sampling.seed is not None,
+            modeled=not sampling.greedy and sampling.seed is not None, nodes=learned.nodes,
         )
         t0 = time.perf_counter()
         cache, rows, logits = self._prefill(prompts, max_new_tokens, st.recycler)
@@ -487,6 +562,8 @@ class SpeculativeEngine(Engine):
         lens = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=dev)
         S = int(lens.max())
         extra = self.sp.gamma_max + 1 if recycler is None else recycler.parents.shape[0]
+        if self.lookup_tree:
+            extra = max(extra, self.sp.tree_nodes + 1)
         ctx = torch.full((B, S + max_new + 1), self.info.pad_token_id, dtype=torch.long, device=dev)
         for b, p in enumerate(prompts):
             ctx[b, : len(p)] = torch.tensor(p, dtype=torch.long)
@@ -511,7 +588,14 @@ class SpeculativeEngine(Engine):
         layer, keys = None, None
         tree = st.recycler is not None and st.sampling.greedy and self.tree_verify
         depth = self._tree_depth(st, gamma, rows.pos.shape[0]) if tree and gamma > 0 else 0
-        if depth > 0:
+        looked = None
+        if self.lookup_tree and st.sampling.greedy and gamma > 0:
+            looked = self._lookup_tree_step(cache, rows, gamma, budget, active, st)
+        if looked is not None:
+            t1 = looked[4]
+            proposed, res_acc, tokens, forward_width = looked[:4]
+            width = int(proposed.max())
+        elif depth > 0:
             t1 = time.perf_counter()
             proposed, res_acc, tokens, forward_width = self._tree_step(cache, rows, depth, active, st.recycler)
             width, keys = depth, torch.ones_like(proposed)
@@ -520,8 +604,9 @@ class SpeculativeEngine(Engine):
                 layer = self._pick_exit(st)
                 g = gamma if self._early_exit_pays(st, layer) else 0
                 proposal, res, t1 = self._early_exit_step(cache, rows, g, budget, st, layer, active)
-            else:  # (a tree the policy cut to depth 0 is a plain step)
-                proposal, keys = self._draft_model_free(rows, 0 if tree else gamma, budget, st)
+            else:  # (a tree the policy cut to depth 0, or an empty lookup tree, is a plain step)
+                proposal, keys = self._draft_model_free(rows, 0 if tree or self.lookup_tree and st.sampling.greedy else gamma,
+                                                        budget, st)
                 t1 = time.perf_counter()
                 res = self._verify_chain(cache, rows, proposal, st, active)
             proposed = proposal.lengths
@@ -532,7 +617,8 @@ class SpeculativeEngine(Engine):
         st.stats.draft_s += t1 - t0
         st.stats.verify_s += t2 - t1
         draft_s, verify_s = (t1 - t0, t2 - t1) if not st.modeled else self._modeled_costs(layer, width, forward_width)
-        self._learn(st, proposed, res_acc, active, layer, keys, width, forward_width, draft_s, verify_s, depth > 0)
+        self._learn(st, proposed, res_acc, active, layer, keys, width, forward_width, draft_s, verify_s,
+                    depth > 0 and looked is None)
         self._commit(rows, tokens, res_acc + 1, st)
         cache.evict()
 
@@ -820,6 +906,44 @@ class SpeculativeEngine(Engine):
         recycler.observe(tree.tokens, logits)
         proposed = torch.full((B,), depth, dtype=torch.long, device=rows.pos.device)
         return proposed, res.accepted, res.tokens, tree.size
+
+    def _lookup_tree_step(self, cache: KVCache, rows: _Rows, gamma: int, budget: torch.Tensor, active: torch.Tensor,
+                          st: _Run):
+        """Prompt lookup at T = 0 with ``tree_nodes``: verify a tree of candidate continuations
+        (:meth:`PromptLookupDrafter.tree_candidates`, cut by :class:`NodeCalibration` with ``gamma:
+        adaptive``, else the ``tree_nodes`` heaviest nodes up to depth gamma) in one forward and
+        keep the longest accepted path.  Returns (proposed (B,) tree depth per row, accepted (B,),
+        tokens (B, W), forward width, time the drafting ended), or None when no row has a
+        candidate (the caller then decodes plainly)."""
+        depth = torch.where(active, budget.clamp(max=gamma), 0)
+        cands = self.lookup.tree_candidates(rows.context, rows.length, depth)
+        limit = self.sp.tree_nodes
+        picks, keys = [], []
+        base, per_token = st.cost.line()
+        for cand in cands:
+            if st.nodes is not None:
+                picked, k = st.nodes.choose(cand, base, per_token, limit)
+            else:
+                picked, k = sorted(sorted(range(len(cand)), key=lambda i: -cand.weight[i])[:limit]), []
+            picks.append(picked)
+            keys.append(k)
+        if not any(picks):
+            return None
+        tree = DraftTree.from_rows(rows.pending, [_subtree(c, p) for c, p in zip(cands, picks)])
+        t_draft = time.perf_counter()
+        pos = rows.pos[:, None] + tree.depth
+        snap = cache.snapshot()
+        logits = self._forward(cache, tree.tokens, pos, tree_mask=tree.tree_mask())
+        res = verify_tree_greedy(tree, logits.argmax(-1))
+        compact_path(cache, snap.lens, res.path)
+        cache.restore(snap, torch.where(active, res.accepted + 1, 0))
+        if st.nodes is not None:
+            for b, k in enumerate(keys):
+                on_path = set(res.path[b].tolist())
+                st.nodes.update(k, [j + 1 in on_path for j in range(len(k))])
+        proposed = torch.tensor([max((cands[b].depth[i] for i in p), default=0) for b, p in enumerate(picks)],
+                                device=rows.pos.device)
+        return proposed, res.accepted, res.tokens, tree.size, t_draft
 
     # ------------------------------------------------------------------ emission
     def _commit(self, rows: _Rows, tokens: torch.Tensor, counts: torch.Tensor, st: _Run) -> None:

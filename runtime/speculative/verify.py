@@ -171,7 +171,8 @@ def verify_tree_greedy(tree: DraftTree, target_argmax: torch.Tensor) -> TreeVeri
     (the root, the last committed token, is always kept).  The accepted node is the deepest kept
     node (ties -> lowest index); the bonus token is the target argmax at it.
 
-    tree: a :class:`DraftTree` with S nodes, ``tokens`` (B, S).
+    tree: a :class:`DraftTree` with S nodes, ``tokens`` (B, S), shared or per-row shape; dead
+        (not ``live``) nodes are never kept.
     target_argmax: (B, S) int64 -- argmax of the target logits at every tree node (the forward ran
         with ``tree.tree_mask()``).
     """
@@ -179,17 +180,20 @@ def verify_tree_greedy(tree: DraftTree, target_argmax: torch.Tensor) -> TreeVeri
     if target_argmax.shape != (batch, size):
         raise ValueError(f"target_argmax must be (B, S) = {(batch, size)}, got {tuple(target_argmax.shape)}")
     device = tree.tokens.device
-    parents, depth = tree.parents.to(device), tree.depth.to(device)
-    ancestors = tree.tree_mask().to(device)  # (S, S): [i, j] = j is an ancestor-or-self of i
-    match = tree.tokens == target_argmax[:, parents.clamp(min=0)]
+    parents = tree.parents.to(device).expand(batch, size)
+    depth = tree.depth.to(device).expand(batch, size)
+    ancestors = tree.tree_mask().to(device).expand(batch, size, size)  # [b, i, j] = j is an ancestor-or-self of i
+    match = tree.tokens == target_argmax.gather(1, parents.clamp(min=0))
+    if tree.live is not None:
+        match &= tree.live.to(device)
     match[:, 0] = True
-    kept = ~((~match)[:, None, :] & ancestors[None]).any(dim=-1)  # (B, S)
+    kept = ~((~match)[:, None, :] & ancestors).any(dim=-1)  # (B, S)
     index = torch.arange(size, device=device)
     score = torch.where(kept, depth * size + (size - 1 - index), -1)
     best = score.argmax(dim=1)  # (B,)
-    accepted = depth[best]
+    accepted = depth.gather(1, best[:, None]).squeeze(1)
     width = int(depth.max()) + 1
-    on_path = ancestors[best]  # (B, S); parents precede children, so index order is depth order
+    on_path = ancestors[torch.arange(batch, device=device), best]  # (B, S); parents precede children
     path = torch.where(on_path, index, size).sort(dim=1).values[:, :width]
     path = torch.where(path < size, path, -1)
     drafted = tree.tokens.gather(1, path[:, 1:].clamp(min=0))
