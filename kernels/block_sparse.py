@@ -145,9 +145,11 @@ def select_blocks(
     q: (B, H, S, D); k: (B, Hkv, N, D); kv_len: (B,) int64.  A key block is *causal* for a query
     block when it starts at or before the block's last query position.  Among causal blocks the
     first ``sink_blocks`` and the ``local_blocks`` ending at the diagonal are always kept; then
-    the ``top_blocks`` best others by ``mean_q(query block) . mean_k(key block)`` (means over valid
-    queries/keys only).  Returns block_idx (B, H, ceil(S / block), K) int32, ascending, padded
-    with -1, ``K = min(sink_blocks + local_blocks + top_blocks, ceil(N / block))``.
+    the ``top_blocks`` best others by ``sum over the KV head's query heads h of mean_q_h(query
+    block) . mean_k(key block)`` (means over valid queries/keys only).  The query heads of one KV
+    head (a GQA group) thus share their blocks, so the attention gathers each key block once per
+    group instead of once per query head.  Returns block_idx (B, H, ceil(S / block), K) int32,
+    ascending, padded with -1, ``K = min(sink_blocks + local_blocks + top_blocks, ceil(N / block))``.
     """
     group = check_attention_shapes(q, k, k, kv_len)
     if block < 1 or min(top_blocks, sink_blocks, local_blocks) < 0:
@@ -162,8 +164,10 @@ def select_blocks(
     q_valid = (query_positions(kv_len, S) >= 0)
     k_valid = torch.arange(N, device=k.device)[None, :] < kv_len[:, None]
     q_pool = _pool(q, q_valid, block)  # (B, H, n_qb, D)
-    k_pool = _pool(k, k_valid, block).repeat_interleave(group, dim=1)  # (B, H, n_kb, D)
-    estimate = torch.matmul(q_pool, k_pool.transpose(-1, -2))  # (B, H, n_qb, n_kb)
+    k_pool = _pool(k, k_valid, block)  # (B, Hkv, n_kb, D)
+    # a KV head's query heads share its blocks: the estimate of the group is the sum of its heads'
+    q_group = q_pool.view(B, H // group, group, -1, q_pool.shape[-1]).sum(2)  # (B, Hkv, n_qb, D)
+    estimate = torch.matmul(q_group, k_pool.transpose(-1, -2)).repeat_interleave(group, dim=1)  # (B, H, n_qb, n_kb)
 
     diag = diagonal_blocks(kv_len, S, block)[:, None, :, None]  # (B, 1, n_qb, 1)
     kb = torch.arange(n_kb, device=k.device)
@@ -193,6 +197,76 @@ def gather_positions(idx: torch.Tensor, size: int, kv_len: torch.Tensor) -> tupl
     return torch.where(valid, pos, 0), valid
 
 
+def fresh_prefill_layout(block_idx: torch.Tensor, kv_len: torch.Tensor, S: int, block: int, group: int) -> bool:
+    """Whether a selection has the layout :func:`_fresh_prefill_attention` exploits.
+
+    A prefill from an empty cache (``kv_len == S`` in every row) whose selection comes from
+    :func:`select_blocks` with ``local_blocks >= 1``: the query heads of a KV head share their
+    blocks, the first K query blocks list all their causal blocks (dense), and every later one lists
+    exactly K blocks, the last of them its diagonal block.  Checked on the small index tensor only.
+    """
+    B, H, n_qb, K = block_idx.shape
+    if K == 0 or not bool((kv_len == S).all()):
+        return False
+    groups = block_idx.view(B, H // group, group, n_qb, K)
+    if group > 1 and not bool((groups == groups[:, :, :1]).all()):
+        return False
+    head = groups[:, :, 0]  # (B, Hkv, n_qb, K)
+    first = min(K, n_qb)
+    counts = (head[:, :, :first] >= 0).sum(-1)
+    if not bool((counts == torch.arange(1, first + 1, device=counts.device)).all()):
+        return False
+    rest = head[:, :, first:]
+    diag = torch.arange(first, n_qb, device=rest.device, dtype=rest.dtype)
+    return bool((rest >= 0).all()) and bool((rest[..., -1] == diag).all())
+
+
+def _fresh_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor, block: int,
+                             scale: float) -> torch.Tensor:
+    """Block-sparse prefill from an empty cache in the layout of :func:`fresh_prefill_layout`.
+
+    The first K query blocks see all their causal keys: one causal SDPA over the first K blocks.
+    Every later query block sees K - 1 earlier blocks in full and its diagonal block causally, so
+    its mask is the same constant (block, K * block) pattern for every block and head; the key
+    blocks are gathered once per KV head and the group's queries attend together (group * block
+    query rows per SDPA batch entry).  No per-element mask is built.
+    """
+    B, H, S, D = q.shape
+    Hkv, N = k.shape[1], k.shape[2]
+    group = H // Hkv
+    K = block_idx.shape[-1]
+    n_qb = cdiv(S, block)
+    out = torch.empty(B, H, S, D, dtype=q.dtype, device=q.device)
+    P = min(S, K * block)
+    out[:, :, :P] = torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, :P], k[:, :, :P], v[:, :, :P], is_causal=True, scale=scale, enable_gqa=True)
+    if n_qb <= K:
+        return out
+    T = K * block
+    t = torch.arange(T, device=q.device)
+    r = torch.arange(block, device=q.device)
+    mask = (t[None, :] < T - block) | (t[None, :] - (T - block) <= r[:, None])  # (block, T)
+    mask = mask.repeat(group, 1)  # (group * block, T): the group's queries, head by head
+    sel = block_idx.view(B, Hkv, group, n_qb, K)[:, :, 0, K:]  # (B, Hkv, n_qb - K, K)
+    pos = (sel.to(torch.int64).unsqueeze(-1) * block + r).flatten(-2).clamp_max(S - 1)  # (B, Hkv, n, T)
+    base = (torch.arange(B, device=q.device)[:, None] * Hkv + torch.arange(Hkv, device=q.device)[None, :]) * N
+    k2, v2 = k.reshape(-1, D), v.reshape(-1, D)
+    chunk = max(1, GATHER_KEYS * group // T)  # query blocks per step
+    for i0 in range(K, n_qb, chunk):
+        i1 = min(n_qb, i0 + chunk)
+        c = i1 - i0
+        s0, s1 = i0 * block, min(S, i1 * block)
+        rows = (base[:, :, None, None] + pos[:, :, i0 - K:i1 - K]).reshape(-1)
+        keys = k2.index_select(0, rows).view(B * Hkv, c, T, D)
+        values = v2.index_select(0, rows).view(B * Hkv, c, T, D)
+        qs = torch.nn.functional.pad(q[:, :, s0:s1], (0, 0, 0, c * block - (s1 - s0)))
+        qs = qs.view(B, Hkv, group, c, block, D).transpose(2, 3).reshape(B * Hkv, c, group * block, D)
+        o = torch.nn.functional.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, scale=scale)  # 4-D: flash
+        o = o.view(B, Hkv, c, group, block, D).transpose(2, 3).reshape(B, H, c * block, D)
+        out[:, :, s0:s1] = o[:, :, : s1 - s0]
+    return out
+
+
 GATHER_KEYS = 16384  # keys gathered per query head and step of the torch block-sparse attention
 
 
@@ -216,6 +290,8 @@ def block_sparse_attention(
     group = check_attention_shapes(q, k, v, kv_len)
     B, H, S, D = q.shape
     scale = D ** -0.5 if scale is None else scale
+    if fresh_prefill_layout(block_idx, kv_len, S, block, group) and k.is_contiguous() and v.is_contiguous():
+        return _fresh_prefill_attention(q, k, v, block_idx, block, scale)
     pos, valid = gather_positions(block_idx, block, kv_len)  # (B, H, n_qb, T)
     Hkv, N = k.shape[1], k.shape[2]
     out = torch.empty(B, H, S, D, dtype=q.dtype, device=q.device)

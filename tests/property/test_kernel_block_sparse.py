@@ -13,7 +13,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton kernels are defi
 import torch
 from hypothesis import given, settings, strategies as st
 
-from accelc.kernels.block_sparse import block_sparse_attention, block_sparse_attention_triton, select_blocks
+from accelc.kernels.block_sparse import (block_sparse_attention, block_sparse_attention_triton, fresh_prefill_layout,
+                                         select_blocks)
 
 ATOL = RTOL = 1e-4
 
@@ -120,8 +121,10 @@ def brute_force_estimate(q, k, kv_len, b, h, i, c, block, group) -> float:
     S = q.shape[2]
     qs = [s for s in range(i * block, min(S, (i + 1) * block)) if int(kv_len[b]) - S + s >= 0]
     ks = [j for j in range(c * block, min(k.shape[2], (c + 1) * block)) if j < int(kv_len[b])]
-    q_mean = q[b, h, qs].double().mean(0) if qs else torch.zeros(q.shape[3], dtype=torch.float64)
-    return float(q_mean @ k[b, h // group, ks].double().mean(0))
+    g = h // group
+    heads = range(g * group, (g + 1) * group)  # the KV head's query heads share one estimate
+    q_sum = sum(q[b, x, qs].double().mean(0) if qs else torch.zeros(q.shape[3], dtype=torch.float64) for x in heads)
+    return float(q_sum @ k[b, g, ks].double().mean(0))
 
 
 @settings(deadline=None)
@@ -135,6 +138,7 @@ def test_select_blocks_keeps_sink_local_and_top_estimates(case, top, sink, local
     block_idx = select_blocks(q, k, kv_len, block, top, sink, local)
     assert block_idx.dtype == torch.int32
     assert block_idx.shape == (B, H, -(-S // block), min(top + sink + local, -(-k.shape[2] // block)))
+    assert torch.equal(block_idx, block_idx[:, ::group].repeat_interleave(group, dim=1)), "a GQA group shares blocks"
     for b in range(B):
         for h in range(H):
             for i in range(block_idx.shape[2]):
@@ -189,3 +193,36 @@ def test_torch_path_in_chunks_and_on_strided_caches(case, top, sink, local, gath
         bs.GATHER_KEYS = old
     assert not got.isnan().any()
     torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
+
+
+@settings(deadline=None)
+@given(case=prefill_cases(), top=st.integers(0, 3), sink=st.integers(0, 2), local=st.integers(1, 2),
+       gather=st.sampled_from([1, 50, 16384]))
+def test_fresh_prefill_fast_path_equals_explicit_mask(case, top, sink, local, gather):
+    """A prefill from an empty cache (kv_len = S, garbage after it) with select_blocks' selection
+    takes the shared-gather path with one constant diagonal mask; it equals the explicit mask for
+    every chunking of the query blocks."""
+    import accelc.kernels.block_sparse as bs
+
+    q, k, v, _, block = case
+    B, H, S, D = q.shape
+    N = k.shape[2]
+    kv_len = torch.full((B,), S)
+    gen = torch.Generator().manual_seed(S * 7 + N)
+    k[:, :, :S] = torch.randn(k[:, :, :S].shape, generator=gen)  # the case's garbage started at its own kv_len
+    v[:, :, :S] = torch.randn(v[:, :, :S].shape, generator=gen)
+    k[:, :, S:] = float("nan")
+    v[:, :, S:] = float("nan")
+    block_idx = select_blocks(q, k, kv_len, block, top, sink, local)
+    assert fresh_prefill_layout(block_idx, kv_len, S, block, H // k.shape[1])
+    mask = selected_block_mask(block_idx, block, S, N) & causal_mask(kv_len, S, N)
+    old = bs.GATHER_KEYS
+    bs.GATHER_KEYS = gather
+    try:
+        got = bs.block_sparse_attention(q, k, v, kv_len, block_idx, block, D ** -0.5)
+    finally:
+        bs.GATHER_KEYS = old
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, dense_attention(q, k, v, mask, D ** -0.5).float(), atol=ATOL, rtol=RTOL)
+    if S > block:  # a selection that does not end at the diagonal block is not this layout
+        assert not fresh_prefill_layout(block_idx, kv_len + 1, S, block, H // k.shape[1])
