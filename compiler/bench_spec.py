@@ -31,6 +31,7 @@ import torch
 
 from accelc.bench import SUITES, BenchReport, Plot, Progress
 from accelc.errors import AccelcError
+from accelc.runtime.pystack import deep_stack
 
 CHAT_PROMPTS = (
     "Write a Python function that checks whether a string is a palindrome, with a docstring and two examples.",
@@ -233,6 +234,7 @@ def _time_forward(fn: Callable[[], Any], repeats: int) -> float:
 
 
 @torch.inference_mode()
+@deep_stack
 def _step_costs(cm, ids: list[int], layers: list[int], widths: range, repeats: int) -> tuple[dict[int, float], dict[int, float]]:
     """Seconds of a decode step of ``cm``'s main graph at each width, and of one draft step per exit
     layer (graphs of the compiled ``spec_exit`` program), after a prefill of ``ids``."""

@@ -15,6 +15,7 @@ import torch
 
 from accelc.errors import AccelcError
 from accelc.runtime.cache import KVCache
+from accelc.runtime.pystack import deep_stack
 from accelc.runtime.sampling import SamplingParams, choose
 
 
@@ -86,6 +87,7 @@ class Engine:
             **cache.inputs(),
         )
 
+    @deep_stack
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Full-sequence logits (B, S, V) of a fresh cache (for equivalence checks)."""
@@ -112,6 +114,7 @@ class Engine:
         tok = self.cm.tokenizer
         return tok.decode(ids, skip_special_tokens=True) if tok is not None else ""
 
+    @deep_stack
     @torch.inference_mode()
     def generate(
         self,

@@ -51,6 +51,7 @@ import torch
 
 from accelc.runtime.cache import KVCache
 from accelc.runtime.engine import Engine, GenerationResult, _cut_at_stop, _hits_stop
+from accelc.runtime.pystack import deep_stack
 from accelc.runtime.sampling import SamplingParams, choose, probs_from_logits, sample
 from accelc.runtime.speculative.drafts import DraftTree, LookupCandidates, PromptLookupDrafter, Proposal, TokenRecyclingDrafter
 from accelc.runtime.speculative.gamma import AdaptiveGamma, GammaPolicy, make_gamma_policy
@@ -496,6 +497,7 @@ class SpeculativeEngine(Engine):
     def _generate_ids(self, prompts, max_new_tokens, sampling, stop, eos, on_token) -> GenerationResult:
         return self.run(prompts, max_new_tokens, sampling, stop, eos, on_token)[0]
 
+    @deep_stack
     @torch.inference_mode()
     def run(
         self,
