@@ -173,9 +173,12 @@ def lower_attention(gm: fx.GraphModule, device: torch.device) -> int:
 def _forward_compiler(device: torch.device) -> Callable:
     from functorch.compile import make_boxed_func
 
+    from accelc.runtime.pystack import deep_stack
+
     def compile_fw(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         lower_attention(gm, device)
-        return make_boxed_func(gm)
+        # one FX forward frame per model call: run it below a roomy frame (accelc.runtime.pystack)
+        return make_boxed_func(deep_stack(gm))
 
     return compile_fw
 
