@@ -213,12 +213,14 @@ def fresh_prefill_layout(block_idx: torch.Tensor, kv_len: torch.Tensor, S: int, 
         return False
     head = groups[:, :, 0]  # (B, Hkv, n_qb, K)
     first = min(K, n_qb)
+    # entries are distinct (the op's contract): i + 1 of them, none above i, are exactly blocks 0..i
     counts = (head[:, :, :first] >= 0).sum(-1)
-    if not bool((counts == torch.arange(1, first + 1, device=counts.device)).all()):
+    upto = torch.arange(first, device=head.device)
+    if not bool((counts == upto + 1).all()) or not bool((head[:, :, :first].amax(-1) == upto).all()):
         return False
     rest = head[:, :, first:]
     diag = torch.arange(first, n_qb, device=rest.device, dtype=rest.dtype)
-    return bool((rest >= 0).all()) and bool((rest[..., -1] == diag).all())
+    return bool((rest >= 0).all()) and bool((rest[..., -1] == diag).all()) and bool((rest.amax(-1) == diag).all())
 
 
 def _fresh_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor, block: int,

@@ -332,12 +332,12 @@ class NodeCalibration:
     the last), its depth (1..8) and its share of its parent's weight (three bins: it is one of
     several continuations, the main one, or the only one).  Per bucket P(node on the accepted
     path) = successes / trials starts at a prior (two pseudo-observations) and counts every
-    verified node.  A row then takes nodes in decreasing P while one more node raises the
-    expected tokens per second, P * cost > per_token * expected (expected = 1 + sum of the
-    chosen P, cost = base + per_token * (1 + chosen), the :class:`VerifyCost` line), growing the
-    tree from the root (a node's P is capped by its parent's), up to ``N`` nodes.  A node's P is not conditional: it is
-    calibrated directly on how often nodes of its bucket were accepted, so an uncertain tree
-    stays small and a verbatim copy grows deep.
+    verified node.  A row then grows its tree from the root, always taking the likeliest node
+    of the frontier (a node's P capped by its parent's), while one more node raises the expected
+    tokens per second: P * cost > per_token * expected (expected = 1 + sum of the chosen P,
+    cost = base + per_token * (1 + chosen), the :class:`VerifyCost` line), up to ``N`` nodes.
+    A node's P is not conditional: it is calibrated directly on how often nodes of its bucket were
+    accepted, so an uncertain tree stays small and a verbatim copy grows deep.
     """
 
     MATCH, DEPTH, SHARE = 8, 8, 3

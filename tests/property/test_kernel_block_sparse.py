@@ -226,3 +226,21 @@ def test_fresh_prefill_fast_path_equals_explicit_mask(case, top, sink, local, ga
     torch.testing.assert_close(got, dense_attention(q, k, v, mask, D ** -0.5).float(), atol=ATOL, rtol=RTOL)
     if S > block:  # a selection that does not end at the diagonal block is not this layout
         assert not fresh_prefill_layout(block_idx, kv_len + 1, S, block, H // k.shape[1])
+
+
+@settings(deadline=None)
+@given(case=prefill_cases(), K=st.integers(1, 4), seed=st.integers(0, 2**31 - 1))
+def test_fresh_prefill_with_any_selection_equals_explicit_mask(case, K, seed):
+    """Random selections (future blocks, gaps, unshared heads) on a fresh prefill: whether or not
+    they take the fast path, the result is the explicit mask's."""
+    q, k, v, _, block = case
+    B, H, S, D = q.shape
+    N = k.shape[2]
+    kv_len = torch.full((B,), S)
+    gen = torch.Generator().manual_seed(seed)
+    k[:, :, :S] = torch.randn(k[:, :, :S].shape, generator=gen)
+    v[:, :, :S] = torch.randn(v[:, :, :S].shape, generator=gen)
+    block_idx = random_block_idx(B, H, S, N, block, min(K, -(-N // block)), seed)
+    mask = selected_block_mask(block_idx, block, S, N) & causal_mask(kv_len, S, N)
+    got = block_sparse_attention(q, k, v, kv_len, block_idx, block, D ** -0.5)
+    torch.testing.assert_close(got, dense_attention(q, k, v, mask, D ** -0.5).float(), atol=ATOL, rtol=RTOL)
