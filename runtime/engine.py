@@ -41,11 +41,11 @@ class GenerationResult:
         return {"text": self.texts, "tokens": self.tokens, "prompt_tokens": self.prompt_tokens, "stats": self.stats}
 
 
-
 def chat_ids(tokenizer, text: str) -> list[int]:
     """Token ids of ``text`` as one user turn of the tokenizer's chat template, ready to generate."""
     chat = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
     return list(tokenizer.encode(chat, add_special_tokens=False))
+
 
 class Engine:
     """Runs a CompiledModel's graph with a runtime-owned KV cache."""

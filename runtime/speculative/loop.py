@@ -897,17 +897,25 @@ class SpeculativeEngine(Engine):
         """Token Recycling at T = 0: verify the candidate tree in one forward, keep the accepted
         path.  Returns (proposed (B,), accepted (B,), tokens (B, depth + 1), forward width)."""
         tree = recycler.propose_tree(rows.pending, depth)
-        B = rows.pos.shape[0]
-        mask = tree.tree_mask().to(rows.pos.device).expand(B, -1, -1)
-        pos = rows.pos[:, None] + tree.depth.to(rows.pos.device)[None, :]
+        res, logits = self._verify_tree(cache, rows, tree, active)
+        recycler.observe(tree.tokens, logits)
+        proposed = torch.full((rows.pos.shape[0],), depth, dtype=torch.long, device=rows.pos.device)
+        return proposed, res.accepted, res.tokens, tree.size
+
+    def _verify_tree(self, cache: KVCache, rows: _Rows, tree: DraftTree, active: torch.Tensor):
+        """Verify a draft tree (shared or per-row shape) rooted at each row's pending token in one
+        forward with its tree mask at T = 0; move the accepted path's cache entries into place and
+        roll back the rest.  Returns (the :class:`TreeVerifyResult`, the logits (B, S, V))."""
+        dev = rows.pos.device
+        mask = tree.tree_mask().to(dev)
+        mask = mask.expand(rows.pos.shape[0], -1, -1) if mask.dim() == 2 else mask
+        pos = rows.pos[:, None] + tree.depth.to(dev)  # (S,) or (B, S) offsets
         snap = cache.snapshot()
         logits = self._forward(cache, tree.tokens, pos, tree_mask=mask)
         res = verify_tree_greedy(tree, logits.argmax(-1))
         compact_path(cache, snap.lens, res.path)
         cache.restore(snap, torch.where(active, res.accepted + 1, 0))
-        recycler.observe(tree.tokens, logits)
-        proposed = torch.full((B,), depth, dtype=torch.long, device=rows.pos.device)
-        return proposed, res.accepted, res.tokens, tree.size
+        return res, logits
 
     def _lookup_tree_step(self, cache: KVCache, rows: _Rows, gamma: int, budget: torch.Tensor, active: torch.Tensor,
                           st: _Run):
@@ -933,12 +941,7 @@ class SpeculativeEngine(Engine):
             return None
         tree = DraftTree.from_rows(rows.pending, [_subtree(c, p) for c, p in zip(cands, picks)])
         t_draft = time.perf_counter()
-        pos = rows.pos[:, None] + tree.depth
-        snap = cache.snapshot()
-        logits = self._forward(cache, tree.tokens, pos, tree_mask=tree.tree_mask())
-        res = verify_tree_greedy(tree, logits.argmax(-1))
-        compact_path(cache, snap.lens, res.path)
-        cache.restore(snap, torch.where(active, res.accepted + 1, 0))
+        res, _ = self._verify_tree(cache, rows, tree, active)
         if st.nodes is not None:
             for b, k in enumerate(keys):
                 on_path = set(res.path[b].tolist())
