@@ -16,7 +16,8 @@ def test_prefill_logits_equal_eager(tiny, tiny_compiled):
     with torch.inference_mode():
         ref = tiny.model(ids).logits
     got = tiny_compiled.forward(ids)
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    # fp32 with another summation order than MKL's (the native kernel's 8 or 16 lanes): ~1e-5 apart
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=3e-5)
 
 
 def test_every_decode_step_logits_equal_eager(tiny, tiny_compiled):

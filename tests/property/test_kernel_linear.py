@@ -134,3 +134,29 @@ def test_opcheck_linear():
     x, w, b = torch.randn(2, 3, 16), torch.randn(5, 16), torch.randn(5)
     torch.library.opcheck(torch.ops.accelc.linear.default, (x, w, b))
     torch.library.opcheck(torch.ops.accelc.linear.default, (x, w, None))
+
+
+@pytest.mark.parametrize("avx512", ["0", "1"])
+def test_each_isa_build_is_exact_and_batch_invariant(monkeypatch, avx512):
+    """The C file has an AVX2 and an AVX-512 variant (row groups of 2 vs 4/2/1, 8 vs 16 lanes);
+    the build this CPU picks is covered above, this runs both where the CPU has AVX-512."""
+    if avx512 == "1" and torch.backends.cpu.get_cpu_capability() != "AVX512":
+        pytest.skip("CPU without AVX-512")
+    monkeypatch.setenv("ACCELC_NATIVE_AVX512", avx512)
+    L.reset_native()
+    try:
+        if L.native_library() is None:
+            pytest.skip(f"native kernel unavailable: {L.native_status()}")
+        assert ("AVX-512" if avx512 == "1" else "AVX2") in L.native_status()
+        g = torch.Generator().manual_seed(int(avx512))
+        for M, K, N in [(1, 576, 37), (2, 17, 5), (3, 300, 70), (5, 16, 4), (8, 576, 9), (13, 33, 66)]:
+            x = torch.randn(M, K, generator=g)
+            w = torch.randn(N, K, generator=g) / K**0.5
+            b = torch.randn(N, generator=g)
+            y = L.linear_native(x, w, b)
+            torch.testing.assert_close(y, brute(x, w, b), atol=1e-4, rtol=1e-4)
+            for i in range(M):  # every row alone, and every suffix batch, gives the same bits
+                assert torch.equal(L.linear_native(x[i : i + 1], w, b), y[i : i + 1])
+                assert torch.equal(L.linear_native(x[i:], w, b), y[i:])
+    finally:
+        L.reset_native()
