@@ -12,7 +12,39 @@ The public API is three verbs::
 """
 from __future__ import annotations
 
-from accelc.errors import AccelcError
+import os
+import sys
+from pathlib import Path
+
+
+def _unshadow_checkout() -> None:
+    """Drop a source checkout's root from ``sys.path``.
+
+    The checkout keeps the subpackages as top-level folders (``compiler/``, ``passes/``,
+    ``runtime/``, ``kernels/``) that install as ``accelc.*``.  ``python -m pytest`` or
+    ``python -c`` run in the checkout put its root on ``sys.path``, where ``kernels/`` would shadow
+    the Hugging Face ``kernels`` package that transformers (>= 5.25) imports.  Nothing is
+    importable from the root itself, so removing it changes nothing else.  An installed (not
+    editable) accelc has no checkout above it and is left alone."""
+    root = Path(__file__).resolve().parent.parent
+    if not ((root / "pyproject.toml").is_file() and (root / "kernels" / "linear_cpu.c").is_file()):
+        return
+
+    def is_root(entry: str) -> bool:
+        try:
+            return Path(entry or os.getcwd()).resolve() == root
+        except OSError:
+            return False
+
+    sys.path[:] = [entry for entry in sys.path if not is_root(entry)]
+    shadow = sys.modules.get("kernels")
+    if shadow is not None and Path(getattr(shadow, "__file__", None) or "/").resolve().parent == root / "kernels":
+        del sys.modules["kernels"]
+
+
+_unshadow_checkout()
+
+from accelc.errors import AccelcError  # noqa: E402
 
 __version__ = "0.1.0"
 

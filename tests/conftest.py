@@ -9,6 +9,7 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"
 
+import accelc  # noqa: E402,F401  (first: drops the checkout root from sys.path, see accelc._unshadow_checkout)
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
