@@ -16,7 +16,10 @@ dominate the squared error.  Since RMSNorm is scale invariant, ``norm(h_k @ A + 
 state then differs from the fitted map only through b; b is fitted on the scaled states and the
 draft graph rescales h_k before applying the adapter (see :mod:`accelc.passes.early_exit`).
 
-Fitting SmolLM2-135M on 2048 tokens takes a few seconds on a CPU; the result is cached on disk
+Fitting SmolLM2-135M on 8192 tokens takes ~20 s on a CPU (one forward; a (C+1)^2 system per exit
+layer).  The fit needs that much text: 577 unknowns per output dimension; on held-out HumanEval
+continuations top-1 agreement at layers 24 / 26 / 28 is 0.73 / 0.80 / 0.78 with 2048 calibration
+tokens, 0.75 / 0.83 / 0.89 with 8192 and no better with 16384.  The result is cached on disk
 under ``accelc.models.cache_dir() / "exit_adapters"`` keyed by a fingerprint of the weights, the
 exit layer and the calibration settings.
 """
@@ -32,7 +35,7 @@ import torch
 
 __all__ = ["ExitAdapter", "calibration_ids", "exit_adapters", "fit_exit_adapters", "model_fingerprint"]
 
-CALIBRATION_TOKENS = 2048
+CALIBRATION_TOKENS = 8192
 WINDOW = 256
 SKIP = 4  # first positions of every window (attention-sink tokens with outlier activations)
 RIDGE = 1e-2

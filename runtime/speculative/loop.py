@@ -724,18 +724,20 @@ class SpeculativeEngine(Engine):
     EXPLORE_EVERY = 16
 
     def _early_exit_pays(self, st: _Run, layer: int) -> bool:
-        """With ``gamma: adaptive``: whether drafting from ``layer`` is expected to beat a plain
-        step, from the measured pass and verification costs and the policy's mean acceptance
-        (:class:`CalibratedGamma` with one bucket; g drafts cost g + 1 passes and a tail of g + 1
-        tokens).  Every ``EXPLORE_EVERY``-th step drafts anyway so that the estimates keep up; the
-        other policies always draft."""
+        """With ``gamma: adaptive``: whether to run the draft head at all this step.
+
+        A draft costs one more pass of the first ``layer`` layers, which the step makes anyway for
+        the token it verifies, so trying costs only the draft head; :meth:`AdaptiveGamma.include_batch`
+        then keeps a draft only when its confidence predicts that it pays.  The head is skipped
+        when not even the most reliable confidence bin is accepted often enough to pay for a draft
+        (acceptance <= the policy's cost ratio, from the measured pass and verification costs);
+        gating on the *mean* acceptance instead would also drop the confident drafts that do pay.
+        Every ``EXPLORE_EVERY``-th step drafts anyway so that the estimates keep up; the other
+        policies always draft."""
         if not isinstance(st.policy, AdaptiveGamma) or layer not in st.draft_cost or st.stats.steps % self.EXPLORE_EVERY == 0:
             return True
-        base, per_token = st.cost.line()
-        pass_s = st.draft_cost[layer]
-        best = CalibratedGamma.single(self.sp.gamma_max, st.policy.mean_acceptance).choose(
-            torch.ones(1, dtype=torch.long), base + pass_s, per_token, pass_s)
-        return int(best[0]) > 0
+        best = float((st.policy.successes / st.policy.trials).max())
+        return best > st.policy.cost_ratio
 
     def _pick_exit(self, st: _Run) -> int:
         if st.chooser is None:
