@@ -354,7 +354,7 @@ def _layer_costs(loaded, ids: list[int], layers: list[int], repeats: int, progre
 
 
 # ------------------------------------------------------------------------------------------ gamma policies
-def suite_spec_gamma(cm, base_cm, loaded, report: BenchReport, *, gammas=(1, 2, 3, 4, 6, 8), humaneval: int = 10,
+def suite_spec_gamma(cm, base_cm, loaded, report: BenchReport, *, gammas=(1, 2, 3, 4, 6, 8, 12, 16), humaneval: int = 10,
                      chat: int = 0, new_tokens: int = 128, repeats: int = 1, progress: Progress = None) -> None:
     """The spec's drafter under every gamma policy side by side: each fixed gamma (up to gamma_max),
     ``heuristic`` and ``adaptive``, against plain greedy, on the same prompts, interleaved.
