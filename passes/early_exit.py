@@ -25,7 +25,7 @@ Contract (documented choice): each graph's inputs are the main graph's inputs th
 read and write the caches of layers < k only, the tail graph those of layers >= k plus
 ``exit_hidden``; rollback resets every layer's lengths as for any verification.
 
-``exit_layer: adaptive`` builds the three graphs per candidate layer (about 1/8, 1/4, 3/8 and 1/2
+``exit_layer: adaptive`` builds the three graphs per candidate layer (about 1/2, 2/3, 4/5 and 9/10
 of the depth; named ``draft_<k>``, ``lower_<k>``, ``tail_<k>``); the runtime picks among them from
 the acceptance it observes.  ``exit_head: calibrated`` inserts a linear adapter fitted at compile
 time by least squares on the model's own hidden states
@@ -55,11 +55,16 @@ from accelc.passes.select_logits import lm_head
 
 aten = torch.ops.aten
 
-ADAPTIVE_FRACTIONS = (0.125, 0.25, 0.375, 0.5)
+ADAPTIVE_FRACTIONS = (0.5, 0.67, 0.8, 0.9)
 
 
 def candidate_exit_layers(n_layers: int) -> list[int]:
-    """Exit layers tried by ``exit_layer: adaptive``: about 1/8, 1/4, 3/8 and 1/2 of the depth."""
+    """Exit layers tried by ``exit_layer: adaptive``: about 1/2, 2/3, 4/5 and 9/10 of the depth.
+
+    On a checkpoint never trained for early exit the exit head only agrees with the full model from
+    the upper layers on (SmolLM2-135M, calibrated head: 0.20 at layer 16, 0.61 at 24, 0.80 at 27;
+    ``accelc bench --suite spec_exit``), so the candidates sit in the upper half; the runtime's
+    choice among them weighs acceptance against the measured cost of each draft."""
     return sorted({min(n_layers - 1, max(1, round(n_layers * f))) for f in ADAPTIVE_FRACTIONS})
 
 

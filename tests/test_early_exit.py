@@ -47,12 +47,12 @@ def test_pass_runs_after_packing_and_before_lowering(tiny_model):
 def test_adaptive_builds_one_graph_per_candidate(tiny_model):
     cm = compile_spec(tiny_model, draft="early_exit", exit_layer="adaptive")
     meta = cm.program.meta["speculative"]
-    assert meta["exit_layers"] == candidate_exit_layers(4) == [1, 2]
-    assert set(meta["graphs"].values()) == {"draft_1", "draft_2"} <= set(cm.program.graphs)
+    assert meta["exit_layers"] == candidate_exit_layers(4) == [2, 3]
+    assert set(meta["graphs"].values()) == {"draft_2", "draft_3"} <= set(cm.program.graphs)
 
 
 def test_candidate_exit_layers():
-    assert candidate_exit_layers(30) == [4, 8, 11, 15]
+    assert candidate_exit_layers(30) == [15, 20, 24, 27]
     assert candidate_exit_layers(2) == [1]
 
 

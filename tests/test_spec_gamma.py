@@ -113,6 +113,16 @@ def test_adaptive_update_counts_only_verified_drafts():
     assert float((policy.trials - trials).sum()) == 2
 
 
+def test_adaptive_counts_shadow_drafts():
+    """Declined first drafts (observe_shadow) are trials in their confidence bin, weighted by
+    their acceptance probability."""
+    policy = AdaptiveGamma(gamma_max=4)
+    trials, successes = policy.trials.clone(), policy.successes.clone()
+    policy.observe_shadow(torch.tensor([0.15, 0.95, 0.95]), torch.tensor([0.0, 1.0, 0.5]))
+    assert (policy.trials - trials).tolist() == [0, 1, 0, 0, 0, 0, 0, 0, 0, 2]
+    assert (policy.successes - successes).tolist() == pytest.approx([0, 0, 0, 0, 0, 0, 0, 0, 0, 1.5])
+
+
 def test_adaptive_calibration_follows_observed_acceptance():
     """Prior: acceptance = confidence; after many drafts at 0.95 accepted half of the time the
     predicted acceptance there moves to about 0.5."""

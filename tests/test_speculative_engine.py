@@ -340,6 +340,60 @@ def test_adaptive_early_exit_decodes_plainly_when_drafting_does_not_pay(compiled
     assert drafting_steps <= -(-sp["steps"] // SpeculativeEngine.EXPLORE_EVERY)
 
 
+def test_declined_first_drafts_still_teach_the_confidence_bins(compiled, plain):
+    """A first draft the adaptive policy computes but declines is scored against the target token
+    that the step verifies anyway (a "shadow" trial): the bins keep learning while nothing is
+    proposed, and the output stays plain greedy.  (Drafting costs more than it saves, so the head
+    runs on the exploration steps and whenever the measured costs say a confident draft pays.)"""
+    from accelc.runtime.speculative.loop import VerifyCost as Cost
+
+    cm = fresh(compiled("early_exit", "adaptive", "token"))
+    learned = cm.engine.learned = cm.engine._fresh_learned()
+    learned.draft_cost[2] = 10.0  # every draft declined: only exploration steps run the head
+    learned.costs[1] = Cost()
+    learned.costs[1].observe(1, 0.001)
+    include, firsts = learned.policy.include_batch, []
+
+    def decline(step, probs, batch):  # every draft computed is declined
+        firsts.append(step == 1)
+        return include(step, probs, batch) & False
+
+    learned.policy.include_batch = decline
+    trials, successes = learned.policy.trials.clone(), learned.policy.successes.clone()
+    prompts = [[5, 6, 7, 8]]
+    res = cm.engine.generate(prompts, max_new_tokens=40, eos=False)
+    assert res.tokens == plain.engine.generate(prompts, max_new_tokens=40, eos=False).tokens
+    sp = res.stats["speculative"]
+    assert sp["proposed_mean"] == 0.0
+    assert sum(firsts) == len(firsts) >= -(-sp["steps"] // SpeculativeEngine.EXPLORE_EVERY)  # at least the exploration steps
+    added, hits = learned.policy.trials - trials, learned.policy.successes - successes
+    assert float(added.sum()) == len(firsts)  # one shadow trial per declined first draft
+    assert bool((hits >= 0).all() and (hits <= added).all()) and float(hits.sum()) == float(hits.sum().round())
+
+
+def test_shadow_outcomes_are_acceptance_probabilities():
+    """T = 0: 1 when the draft is the target's argmax; T > 0: min(1, p(d) / q(d)) (Leviathan)."""
+    target = torch.tensor([[0.0, 2.0, 1.0], [3.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    first = torch.tensor([1, 2, 2])
+    conf = torch.tensor([0.9, 0.4, 0.7])
+    rows = torch.tensor([True, True, False])
+    c, a = SpeculativeEngine._shadow_outcomes(first, None, target, SamplingParams(temperature=0.0), conf, rows)
+    assert c.tolist() == pytest.approx([0.9, 0.4]) and a.tolist() == [1.0, 0.0]
+    sampling = SamplingParams(temperature=1.0)
+    q = torch.tensor([[0.2, 0.2, 0.6], [0.1, 0.1, 0.8], [0.3, 0.3, 0.4]])
+    p = probs_from_logits(target, sampling)
+    c, a = SpeculativeEngine._shadow_outcomes(first, q, target, sampling, conf, torch.ones(3, dtype=torch.bool))
+    expect = [min(1.0, float(p[b, first[b]] / q[b, first[b]])) for b in range(3)]
+    assert a.tolist() == pytest.approx(expect) and expect[0] == 1.0 and expect[1] < 1.0
+
+
+def test_exit_layer_chooser_counts_shadow_trials():
+    chooser = ExitLayerChooser([4, 8])
+    chooser.update(8, torch.tensor([0]), torch.tensor([0]), 0.1, 0.5, shadow=torch.tensor([1.0, 0.0, 0.5]))
+    assert chooser.trials[8] == 3 and chooser.successes[8] == 1.5
+    assert chooser.acceptance()[8] == pytest.approx(0.5)
+
+
 def test_verify_cost_fits_a_line():
     cost = VerifyCost()
     for w in (1, 3, 5, 9, 1, 9):

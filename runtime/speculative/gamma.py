@@ -188,6 +188,15 @@ class AdaptiveGamma(GammaPolicy):
         self._expected = torch.where(keep, self._expected + survive, self._expected)
         return keep
 
+    def observe_shadow(self, confidence: torch.Tensor, accepted: torch.Tensor) -> None:
+        """Count first drafts that were computed but not proposed: their confidences (n,) and
+        acceptance probabilities (n,) in [0, 1] (1 / 0 at T = 0), as the engine reads them off the
+        verification of the pending token.  Without them a bin whose drafts are always declined
+        would never learn that it now pays."""
+        index = (confidence.double() * self.bins).long().clamp(0, self.bins - 1)
+        self.trials += torch.bincount(index, minlength=self.bins).double()
+        self.successes += torch.bincount(index, weights=accepted.double(), minlength=self.bins)
+
     def update(self, proposed: int | torch.Tensor, accepted: int | torch.Tensor) -> None:
         if not self._confidences:
             return

@@ -136,12 +136,17 @@ class ExitLayerChooser:
         return best
 
     def update(self, layer: int, proposed: torch.Tensor, accepted: torch.Tensor, seconds_per_pass: float,
-               tail_seconds: float) -> None:
+               tail_seconds: float, shadow: torch.Tensor | None = None) -> None:
         """proposed, accepted: (B,) int64 drafts per row of the step drafted from ``layer``;
-        seconds_per_pass: one draft-graph pass; tail_seconds: the verification from the exit on."""
+        seconds_per_pass: one draft-graph pass; tail_seconds: the verification from the exit on;
+        shadow: acceptance probabilities of first drafts computed but not proposed (each one more
+        trial)."""
         rejected = (accepted < proposed).double()
         self.successes[layer] += float(accepted.sum())
         self.trials[layer] += float(accepted.sum() + rejected.sum())
+        if shadow is not None:
+            self.successes[layer] += float(shadow.sum())
+            self.trials[layer] += float(shadow.numel())
         for store, value in ((self.cost, seconds_per_pass), (self.tail, tail_seconds)):
             old = store[layer]
             store[layer] = value if old is None else 0.8 * old + 0.2 * value
@@ -443,6 +448,9 @@ class _Run:
     on_token: Callable[[int, int], None] | None
     nodes: NodeCalibration | None = None
     modeled: bool = False  # learn from modeled costs instead of the clock (seeded sampling)
+    # early exit: (confidence, acceptance probability) of the first drafts this step computed but
+    # did not propose, set by _early_exit_step for _learn (see SpeculativeEngine._shadow_outcomes)
+    shadow: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 # ---------------------------------------------------------------------------------- the engine
@@ -640,10 +648,13 @@ class SpeculativeEngine(Engine):
             pass_s = draft_s / forward_width
             old = st.draft_cost.get(layer)
             st.draft_cost[layer] = pass_s if old is None else 0.8 * old + 0.2 * pass_s
+            shadow, st.shadow = st.shadow, None
             if isinstance(st.policy, AdaptiveGamma):  # one more draft: a pass + a tail token; none: a pass + the tail
                 st.policy.observe_cost(st.draft_cost[layer] + per_token, st.draft_cost[layer] + base + per_token)
+                if shadow is not None:
+                    st.policy.observe_shadow(*shadow)
             if st.chooser is not None:
-                st.chooser.update(layer, proposed, accepted, pass_s, verify_s)
+                st.chooser.update(layer, proposed, accepted, pass_s, verify_s, None if shadow is None else shadow[1])
                 st.stats.exit_trace.append(layer)
         elif isinstance(st.policy, AdaptiveGamma):
             nodes = self.sp.tree_width if tree else 1
@@ -799,6 +810,7 @@ class SpeculativeEngine(Engine):
         ones = torch.ones(B, dtype=torch.long, device=dev)
         zero_idx = torch.zeros(B, 1, dtype=torch.long, device=dev)
         adaptive = isinstance(policy, AdaptiveGamma)
+        first_conf = None
         j = 0
         while True:
             drafting = j < gamma and bool(alive.any())
@@ -822,6 +834,8 @@ class SpeculativeEngine(Engine):
                 probs.append(q if ids is None else q.new_zeros(B, self.info.vocab_size).index_copy_(1, ids, q))
             cur = pick if ids is None else ids[pick]
             tokens[:, j] = cur
+            if j == 0:
+                first_conf = conf.float().amax(-1).cpu() if conf is not None else torch.ones(B)
             keep = policy.include_batch(j + 1, conf, B).to(dev) if adaptive else torch.ones_like(alive)
             alive = alive & keep & (lens < budget)
             lens += alive.long()
@@ -840,7 +854,32 @@ class SpeculativeEngine(Engine):
         q_all = torch.stack(probs, dim=1)[:, : width - 1] if probs else None
         res = self._verify_logits(drafts, q_all, logits, lens, st)
         cache.restore(snap, torch.where(active, res.accepted + 1, 0))
+        left_out = active & (lens == 0) & (budget > 0)
+        st.shadow = None
+        if first_conf is not None and bool(left_out.any()):
+            st.shadow = self._shadow_outcomes(tokens[:, 0], probs[0] if probs else None, logits[:, 0], st.sampling, first_conf,
+                                              left_out)
         return Proposal(drafts, lens, None), res, t_draft
+
+    @staticmethod
+    def _shadow_outcomes(first: torch.Tensor, q: torch.Tensor | None, target_logits: torch.Tensor, sampling: SamplingParams,
+                         confidence: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(confidence, acceptance probability) of the first drafts that rows left out.
+
+        A row whose gamma policy declined its first draft d still verifies the pending token, and
+        the tail's logits at that position are the target distribution p that d would have been
+        verified against: d would have been accepted with probability 1[d = argmax p] at T = 0 and
+        min(1, p(d) / q(d)) at T > 0.  Feeding these outcomes to the confidence bins and the exit
+        layer chooser keeps them learning while the policy drafts nothing, at no extra forward (the
+        decisions only shape later proposals, which verification keeps lossless)."""
+        if sampling.greedy:
+            accept = (target_logits.argmax(-1) == first).double()
+        else:
+            p = probs_from_logits(target_logits, sampling)
+            pick = first[:, None]
+            accept = (p.gather(1, pick) / q.gather(1, pick).clamp_min(1e-30)).clamp(max=1.0)[:, 0].double()
+        keep = rows.cpu()
+        return confidence[keep], accept.cpu()[keep]
 
     def _tree_depth(self, st: _Run, gamma: int, batch: int) -> int:
         """Tree depth for this step, at most gamma and the drafter's depth: with ``gamma:
