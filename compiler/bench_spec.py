@@ -92,9 +92,21 @@ def _rotated(names: list[str], r: int) -> list[str]:
     return names[k:] + names[:k]
 
 
+HUMANEVAL_SIZE = 164  # problems in HumanEval.jsonl.gz
+
+
 def _prompts(loaded, humaneval: int, chat: int) -> dict[str, list[list[int]]]:
+    """Token ids of the first ``humaneval`` HumanEval and ``chat`` chat prompts, by group (empty
+    groups left out); AccelcError when a count is out of range or there is no prompt at all."""
+    for key, value, most in (("humaneval", humaneval, HUMANEVAL_SIZE), ("chat", chat, len(CHAT_PROMPTS))):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= most:
+            raise AccelcError(f"--set {key}", f"{key} must be a number of prompts from 0 to {most}, got {value!r}",
+                              f"e.g. --set {key}={min(most, 10)}")
+    if humaneval + chat == 0:
+        raise AccelcError("--set humaneval / chat", "no prompts to run: humaneval=0 and chat=0",
+                          "give at least one, e.g. --set humaneval=10")
     tok = loaded.tokenizer
-    groups = {"humaneval": [list(tok.encode(p)) for p in humaneval_prompts(humaneval)]}
+    groups = {"humaneval": [list(tok.encode(p)) for p in humaneval_prompts(humaneval)]} if humaneval else {}
     if chat:
         from accelc.runtime.engine import chat_ids
 
