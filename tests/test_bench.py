@@ -232,26 +232,27 @@ def test_spec_suites_compare_against_plain_greedy_on_humaneval_prompts(tiny, tmp
         run_suite(ctx, "spec_gamma", gammas=(9,), humaneval=1, new_tokens=4)
 
 
+@pytest.fixture(scope="module")
+def lookup_ctx(tiny):
+    """Bench context: prompt lookup (gamma 2) against the identity spec on the tiny model."""
+    import accelc
+
+    spec = accelc.load_spec({"accelc": 1, "decode": {"speculative": {"draft": "prompt_lookup", "gamma": 2}}})
+    return BenchContext(accelc.compile(tiny, spec), accelc.compile(tiny, accelc.load_spec({"accelc": 1})), tiny, "lookup.yaml", "identity")
+
+
 @pytest.mark.parametrize("settings, message", [
     ({"humaneval": 0, "chat": 0}, "no prompts to run"),
     ({"humaneval": -1}, "humaneval must be a number of prompts from 0 to 164"),
     ({"humaneval": 1, "chat": 99}, "chat must be a number of prompts from 0 to"),
 ])
-def test_spec_suite_prompt_counts_are_checked(tiny, settings, message):
-    import accelc
-
-    spec = accelc.load_spec({"accelc": 1, "decode": {"speculative": {"draft": "prompt_lookup", "gamma": 2}}})
-    ctx = BenchContext(accelc.compile(tiny, spec), accelc.compile(tiny, accelc.load_spec({"accelc": 1})), tiny, "lookup.yaml", "identity")
+def test_spec_suite_prompt_counts_are_checked(lookup_ctx, settings, message):
     with pytest.raises(AccelcError, match=message):
-        run_suite(ctx, "spec", new_tokens=4, hf=False, **settings)
+        run_suite(lookup_ctx, "spec", new_tokens=4, hf=False, **settings)
 
 
-def test_spec_suite_runs_chat_prompts_alone(tiny):
-    import accelc
-
-    spec = accelc.load_spec({"accelc": 1, "decode": {"speculative": {"draft": "prompt_lookup", "gamma": 2}}})
-    ctx = BenchContext(accelc.compile(tiny, spec), accelc.compile(tiny, accelc.load_spec({"accelc": 1})), tiny, "lookup.yaml", "identity")
-    rep = run_suite(ctx, "spec", humaneval=0, chat=1, new_tokens=6, hf=False)
+def test_spec_suite_runs_chat_prompts_alone(lookup_ctx):
+    rep = run_suite(lookup_ctx, "spec", humaneval=0, chat=1, new_tokens=6, hf=False)
     assert [r["setting"] for r in rep.rows] == ["chat/0", "chat (all)"]
     assert all(r["spec_eq_baseline"] is True for r in rep.rows)
 

@@ -855,8 +855,7 @@ class SpeculativeEngine(Engine):
         res = self._verify_logits(drafts, q_all, logits, lens, st)
         cache.restore(snap, torch.where(active, res.accepted + 1, 0))
         left_out = active & (lens == 0) & (budget > 0)
-        st.shadow = None
-        if first_conf is not None and bool(left_out.any()):
+        if first_conf is not None and bool(left_out.any()):  # (_learn consumes and clears st.shadow every step)
             st.shadow = self._shadow_outcomes(tokens[:, 0], probs[0] if probs else None, logits[:, 0], st.sampling, first_conf,
                                               left_out)
         return Proposal(drafts, lens, None), res, t_draft
